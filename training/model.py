@@ -1,0 +1,191 @@
+"""A convolutional VAE sized from the image shape.
+
+q(z|x) is a diagonal Gaussian (mean and log-variance from the encoder), p(z) = N(0, I), and p(x|z) is
+either a Bernoulli (binarised data) or a logistic discretised into the data's pixel levels (8-bit or
+fewer), so every likelihood the model reports is a true discrete NLL. The encoder halves the image with
+strided convolutions while the side stays even and at least 8 (28 -> 14 -> 7, 32 -> ... -> 4, 8 -> 4);
+the decoder mirrors it with transposed convolutions, so any such shape round-trips exactly.
+"""
+
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from training import objectives
+
+LIKELIHOODS = ("logistic", "bernoulli")
+
+
+@dataclass
+class VAEConfig:
+    channels: int = 1
+    height: int = 28
+    width: int = 28
+    latent_dim: int = 16
+    base_width: int = 32  # channels after the stem; doubles with each downsampling, capped at 4x
+    hidden: int = 256  # width of the fully connected layer between the conv stack and the latent
+    likelihood: str = "logistic"  # "logistic" (discretised, for 8-bit data) or "bernoulli" (binarised data)
+    levels: int = 256  # pixel levels the discretised logistic spreads its mass over (17 for sklearn digits)
+
+    def __post_init__(self) -> None:
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {self.channels}")
+        if min(self.height, self.width) < 4:
+            raise ValueError(f"image must be at least 4x4, got {self.height}x{self.width}")
+        if self.latent_dim < 1 or self.base_width < 1 or self.hidden < 1:
+            raise ValueError(
+                f"latent_dim, base_width, hidden must be positive, got "
+                f"{self.latent_dim}, {self.base_width}, {self.hidden}"
+            )
+        if self.likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}")
+        if not 2 <= self.levels <= 65536:
+            raise ValueError(f"levels must be in [2, 65536], got {self.levels}")
+
+    @property
+    def num_dims(self) -> int:
+        return self.channels * self.height * self.width
+
+
+def downsampling_plan(height: int, width: int) -> List[Tuple[int, int]]:
+    """Spatial sizes after each stride-2 step: halve while both sides are even and >= 8."""
+    sizes = []
+    while height % 2 == 0 and width % 2 == 0 and min(height, width) >= 8:
+        height, width = height // 2, width // 2
+        sizes.append((height, width))
+    return sizes
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: VAEConfig) -> None:
+        super().__init__()
+        steps = downsampling_plan(config.height, config.width)
+        widths = [min(config.base_width * 2**i, 4 * config.base_width) for i in range(len(steps) + 1)]
+        layers: List[nn.Module] = [nn.Conv2d(config.channels, widths[0], 3, padding=1), nn.SiLU()]
+        for c_in, c_out in zip(widths[:-1], widths[1:]):
+            layers += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), nn.SiLU()]
+        self.conv = nn.Sequential(*layers)
+        h, w = steps[-1] if steps else (config.height, config.width)
+        self.head = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(widths[-1] * h * w, config.hidden),
+            nn.SiLU(),
+            nn.Linear(config.hidden, 2 * config.latent_dim),
+        )
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        mu, logvar = self.head(self.conv(x)).chunk(2, dim=1)  # (B, 2D) -> 2 x (B, D)
+        # Bounded log-variance keeps exp() finite on inputs far from the training data.
+        return mu, torch.clamp(logvar, -30.0, 20.0)
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: VAEConfig) -> None:
+        super().__init__()
+        steps = downsampling_plan(config.height, config.width)
+        widths = [min(config.base_width * 2**i, 4 * config.base_width) for i in range(len(steps) + 1)]
+        h, w = steps[-1] if steps else (config.height, config.width)
+        self.start_shape = (widths[-1], h, w)
+        self.fc = nn.Sequential(
+            nn.Linear(config.latent_dim, config.hidden),
+            nn.SiLU(),
+            nn.Linear(config.hidden, widths[-1] * h * w),
+            nn.SiLU(),
+        )
+        layers: List[nn.Module] = []
+        for c_in, c_out in zip(widths[:0:-1], widths[-2::-1]):
+            layers += [nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1), nn.SiLU()]
+        params_per_pixel = 1 if config.likelihood == "bernoulli" else 2
+        layers.append(nn.Conv2d(widths[0], params_per_pixel * config.channels, 3, padding=1))
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, z: Tensor) -> Tensor:
+        c, h, w = self.start_shape
+        return self.conv(self.fc(z).view(-1, c, h, w))  # (B, D) -> (B, c, h, w) -> (B, P*C, H, W)
+
+
+class VAE(nn.Module):
+    def __init__(self, config: VAEConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.likelihood = config.likelihood
+        self.levels = config.levels
+        self.channels = config.channels
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+
+    def encode(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        return self.encoder(x)
+
+    def reparameterize(self, mu: Tensor, logvar: Tensor, eps: Tensor) -> Tensor:
+        """z = mu + sigma * eps, differentiable in mu and logvar; the caller owns the noise."""
+        return mu + eps * torch.exp(0.5 * logvar)
+
+    def decode_params(self, z: Tensor) -> Tensor:
+        """Parameters of p(x|z): logits (B, C, H, W), or loc and log-scale stacked on channels (B, 2C, H, W)."""
+        return self.decoder(z)
+
+    def log_px_z(self, x: Tensor, params: Tensor) -> Tensor:
+        """log p(x|z) per sample, summed over pixels -> (B,)."""
+        if self.likelihood == "bernoulli":
+            return objectives.bernoulli_log_prob(x, params)
+        loc, log_scale = self._logistic_params(params)
+        return objectives.discretized_logistic_log_prob(x, loc, log_scale, self.levels)
+
+    def mean(self, params: Tensor) -> Tensor:
+        """Pixel means in [0, 1] from decoder parameters."""
+        if self.likelihood == "bernoulli":
+            return torch.sigmoid(params)
+        loc, _ = self._logistic_params(params)
+        return loc
+
+    def decode(self, z: Tensor) -> Tensor:
+        return self.mean(self.decode_params(z))
+
+    def quantize(self, x: Tensor) -> Tensor:
+        """Map any x in [0, 1] onto the data's support: {0, 1} for Bernoulli, the level grid otherwise."""
+        x = torch.clamp(x, 0.0, 1.0)
+        if self.likelihood == "bernoulli":
+            return (x > 0.5).to(x.dtype)
+        return torch.round(x * (self.levels - 1)) / (self.levels - 1)
+
+    def forward(self, x: Tensor, eps: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+        """One-sample ELBO pieces: (log p(x|z) (B,), mu (B, D), logvar (B, D))."""
+        mu, logvar = self.encode(x)
+        if eps is None:
+            eps = torch.randn_like(mu)
+        z = self.reparameterize(mu, logvar, eps)
+        return self.log_px_z(x, self.decode_params(z)), mu, logvar
+
+    def importance_weights(self, x: Tensor, eps: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """K-sample importance weights for x (B, C, H, W) given noise eps (K, B, D).
+
+        Returns (log_w (K, B), log p(x|z_k) (K, B), mu, logvar). Every row uses only its own noise, so a
+        row's result does not depend on what else is in the batch.
+        """
+        mu, logvar = self.encode(x)
+        k, b, d = eps.shape
+        z = self.reparameterize(mu.unsqueeze(0), logvar.unsqueeze(0), eps)  # (K, B, D)
+        params = self.decode_params(z.reshape(k * b, d))  # (K*B, P*C, H, W)
+        c, h, w = x.shape[1], x.shape[2], x.shape[3]
+        x_rep = x.unsqueeze(0).expand(k, b, c, h, w).reshape(k * b, c, h, w)
+        log_px_z = self.log_px_z(x_rep, params).view(k, b)
+        return objectives.importance_log_weights(log_px_z, z, mu, logvar), log_px_z, mu, logvar
+
+    def _logistic_params(self, params: Tensor) -> Tuple[Tensor, Tensor]:
+        raw_loc, raw_log_scale = params.chunk(2, dim=1)  # (B, 2C, H, W) -> 2 x (B, C, H, W)
+        # A sigmoid keeps the location inside [0, 1]; the edge bins still reach the extremes exactly.
+        # The floor on the log-scale stops a single pixel from claiming unbounded density.
+        return torch.sigmoid(raw_loc), torch.clamp(raw_log_scale, min=-7.0)
+
+
+def num_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def active_units(mu: Tensor, threshold: float = 1e-2) -> int:
+    """Latent dims whose posterior mean varies across data: Cov_x(E_q[z_d]) > threshold (Burda et al. 2016)."""
+    assert mu.dim() == 2, f"expected (N, D) posterior means, got shape {tuple(mu.shape)}"
+    return int((mu.var(dim=0) > threshold).sum().item())
