@@ -1,0 +1,93 @@
+"""The FastAPI application: factory and lifespan (load the artifact, start the batcher, warm up, drain)."""
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+from typing import AsyncIterator, Hashable, Optional
+
+import numpy as np
+import torch
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi_offline import FastAPIOffline
+from starlette.concurrency import run_in_threadpool
+
+from service.batching import Batcher
+from service.codecs import ImageSpec
+from service.config import Settings
+from service.deps import ServiceState
+from service.errors import install_handlers
+from service.metrics import Metrics
+from service.middleware import BodyLimit, RequestMetrics
+from service.routes import anomaly, inference, ops
+from service.runtime import KERNELS, ModelRuntime
+from service.scoring import Calibration
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Optional[Settings] = None, runtime: Optional[ModelRuntime] = None) -> FastAPI:
+    """Build the app. Pass ``runtime`` to reuse an already loaded artifact (the CLI does, to fail fast)."""
+    settings = settings or Settings()
+    state = ServiceState(settings=settings, metrics=Metrics(), runtime=runtime)
+    # FastAPIOffline serves the Swagger UI assets itself: /docs works with no internet access.
+    app = FastAPIOffline(
+        title="VAE inference service",
+        version="1",
+        summary="Encode, decode, sample, interpolate and score anomalies with a trained VAE.",
+        lifespan=_lifespan,
+        redoc_url=None,
+    )
+    app.state.service = state
+    install_handlers(app)
+    for router in (inference.router, anomaly.router, ops.router):
+        app.include_router(router)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["*"])
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, metrics=state.metrics)
+    app.add_middleware(RequestMetrics, metrics=state.metrics)  # outermost: also counts 413s
+    return app
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    state: ServiceState = app.state.service
+    settings = state.settings
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    if state.runtime is None:
+        state.runtime = await run_in_threadpool(
+            ModelRuntime, settings.model_path, device=settings.device, buckets=settings.buckets,
+            max_score_decodes=settings.max_score_decodes, expected_sha256=settings.expected_sha256,
+        )
+    runtime = state.runtime
+    info = runtime.info
+    state.image_spec = ImageSpec(info.channels, info.height, info.width, max_pixels=settings.max_pixels)
+    state.calibration = Calibration.from_metadata(runtime.metadata)
+    state.metrics.model_info.labels(info.version, info.sha256, str(runtime.device)).set(1)
+
+    def run(kernel: str, rows: np.ndarray, params: Hashable):
+        return runtime.score(rows, params) if kernel == "score" else getattr(runtime, kernel)(rows)
+
+    state.batcher = Batcher(
+        run, kernels=KERNELS, max_rows=lambda kernel, params: runtime.max_rows(kernel, params or 0),
+        max_delay_s=settings.batch_delay_ms / 1000.0, queue_limit=settings.queue_limit, metrics=state.metrics,
+    )
+    state.batcher.start()
+    # Warm in the background: /livez answers at once, /readyz turns 200 when every bucket is warm.
+    warm_task = asyncio.create_task(_warm_up(state))
+    try:
+        yield
+    finally:
+        state.draining = True
+        state.metrics.ready.set(0)
+        warm_task.cancel()
+        await state.batcher.stop()
+
+
+async def _warm_up(state: ServiceState) -> None:
+    seconds = await state.batcher.run_in_worker(state.runtime.warm_up)
+    state.warm = True
+    state.metrics.ready.set(1)
+    log.info("model warm on %s in %.2f s (buckets %s); ready", state.runtime.device, seconds, state.runtime.buckets)

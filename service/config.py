@@ -1,0 +1,80 @@
+"""Every setting of the service, read once from arguments or ``VAE_*`` environment variables.
+
+The one place that reads the environment. ``create_app(settings)`` receives an instance; nothing else
+builds one.
+"""
+
+import re
+from pathlib import Path
+from typing import List, Optional
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VAE_", extra="ignore", protected_namespaces=())
+
+    model_path: Path = Path("models/vae.ts")
+    device: str = "auto"  # auto = first CUDA device when present, else CPU
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: str = "info"
+
+    # Batching: rows from concurrent requests share one model call, up to max_batch_rows or until
+    # batch_delay_ms has passed since the first row arrived.
+    max_batch_rows: int = Field(64, ge=1, le=4096)
+    batch_delay_ms: float = Field(2.0, ge=0.0, le=1000.0)
+    # Model calls run on fixed batch shapes (each warmed at start-up); a batch is padded up to the
+    # smallest bucket that fits. The smallest is 4, not 1: on CPU a batch of one takes a different
+    # (matrix-vector) kernel whose last bits differ, and rows must not depend on their batch mates.
+    buckets: List[int] = Field(default_factory=lambda: [4, 16, 64])
+    # A score row costs K decodes; one score call holds at most this many decoded images.
+    max_score_decodes: int = Field(4096, ge=1)
+    queue_limit: int = Field(2048, ge=1)  # rows waiting per kernel before new work gets 503
+    request_timeout_s: float = Field(30.0, gt=0.0)  # default deadline; X-Request-Timeout may lower it
+
+    # Request limits, checked before any work is done.
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    max_rows: int = Field(512, ge=1)  # images or z vectors per request
+    max_pixels: int = Field(4096 * 4096, ge=1)  # per source image, before resizing
+    max_n: int = Field(512, ge=1)  # /sample
+    max_steps: int = Field(256, ge=2)  # /interpolate
+    max_k: int = Field(1024, ge=1)  # importance samples per anomaly score
+
+    api_key: Optional[SecretStr] = None  # when set, every non-health endpoint needs X-API-Key
+    expected_sha256: Optional[str] = None  # refuse to start unless the artifact file has this sha256
+    cors_origins: List[str] = Field(default_factory=list)  # CORS stays off unless origins are listed
+    grace_period_s: float = Field(20.0, ge=0.0)  # SIGTERM: time for accepted requests to finish
+    torch_threads: Optional[int] = Field(None, ge=1)  # intra-op threads; default: torch's choice
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not _DEVICE.match(value):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {value!r}")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        value = value.lower()
+        if value not in {"critical", "error", "warning", "info", "debug"}:
+            raise ValueError(f"log_level must be critical|error|warning|info|debug, got {value!r}")
+        return value
+
+    @field_validator("expected_sha256")
+    @classmethod
+    def _sha(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", value):
+            raise ValueError("expected_sha256 must be 64 hex digits")
+        return value.lower() if value else value
+
+    @model_validator(mode="after")
+    def _buckets(self) -> "Settings":
+        if not self.buckets or any(b < 1 for b in self.buckets):
+            raise ValueError(f"buckets must be positive batch sizes, got {self.buckets}")
+        self.buckets = sorted(set(b for b in self.buckets if b < self.max_batch_rows) | {self.max_batch_rows})
+        return self

@@ -1,0 +1,98 @@
+"""Domain errors of the service core and the one place that maps every error to an HTTP response.
+
+Core modules raise these (or the codecs' ``InvalidInput``, the batcher's ``QueueFull`` ...) and never
+build HTTP responses; ``install_handlers`` turns each into ``{"error": {"code", "message"}}`` with the
+right status, so a client never sees a 500 for bad input and never a stack trace.
+"""
+
+import logging
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from service.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.batching import BatchFailed, BatcherStopped, DeadlineExceeded, QueueFull
+from service.codecs import InvalidInput
+
+log = logging.getLogger(__name__)
+
+
+class ModelNotReady(Exception):
+    """The model is still loading or warming up, or the service is draining."""
+
+
+class Unauthorized(Exception):
+    """A required API key is missing or wrong."""
+
+
+class UnsupportedMediaType(InvalidInput):
+    code = "unsupported_media_type"
+
+
+class RequestTooLarge(InvalidInput):
+    """Too many bytes, rows, samples or steps in one request."""
+
+    code = "too_large"
+
+
+def error_response(status: int, code: str, message: str, headers: dict = None, error_id: str = None) -> JSONResponse:
+    body = {"code": code, "message": message}
+    if error_id:
+        body["error_id"] = error_id
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
+
+
+_STATUS = {UnsupportedMediaType: 415, RequestTooLarge: 413}
+
+
+def install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(InvalidInput)
+    async def _invalid(request: Request, exc: InvalidInput) -> JSONResponse:
+        return error_response(_STATUS.get(type(exc), 422), exc.code, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        where = ".".join(str(p) for p in errors[0].get("loc", ())) if errors else ""
+        message = f"{where}: {errors[0].get('msg')}" if errors else "invalid request"
+        if len(errors) > 1:
+            message += f" (and {len(errors) - 1} more)"
+        return error_response(422, "validation_error", message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        codes = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}
+        return error_response(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail),
+                              headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(QueueFull)
+    async def _queue_full(request: Request, exc: QueueFull) -> JSONResponse:
+        return error_response(503, "queue_full", str(exc), headers={"Retry-After": str(exc.retry_after)})
+
+    @app.exception_handler(DeadlineExceeded)
+    async def _deadline(request: Request, exc: DeadlineExceeded) -> JSONResponse:
+        return error_response(503, "deadline_exceeded", str(exc), headers={"Retry-After": "1"})
+
+    @app.exception_handler(ModelNotReady)
+    async def _not_ready(request: Request, exc: ModelNotReady) -> JSONResponse:
+        return error_response(503, "not_ready", str(exc) or "the model is not ready", headers={"Retry-After": "1"})
+
+    @app.exception_handler(BatcherStopped)
+    async def _stopped(request: Request, exc: BatcherStopped) -> JSONResponse:
+        return error_response(503, "shutting_down", str(exc), headers={"Retry-After": "1"})
+
+    @app.exception_handler(Unauthorized)
+    async def _unauthorized(request: Request, exc: Unauthorized) -> JSONResponse:
+        return error_response(401, "unauthorized", str(exc), headers={"WWW-Authenticate": "ApiKey"})
+
+    @app.exception_handler(BatchFailed)
+    async def _batch_failed(request: Request, exc: BatchFailed) -> JSONResponse:
+        return error_response(500, "model_error", str(exc), error_id=exc.error_id)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        error_id = uuid.uuid4().hex[:12]
+        log.error("unhandled error on %s %s error_id=%s", request.method, request.url.path, error_id, exc_info=exc)
+        return error_response(500, "internal_error", f"internal error (error id {error_id})", error_id=error_id)

@@ -1,0 +1,58 @@
+"""Prometheus metrics: one registry per app, so two apps in one process (tests) never collide.
+
+Names and labels are a contract with deploy/ (dashboards and alert rules); change them together.
+"""
+
+from typing import Optional
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+REJECTION_REASONS = ("queue_full", "deadline", "disconnected", "too_large", "unauthorized")
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    def __init__(self, registry: Optional[CollectorRegistry] = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "vae_requests", "HTTP requests by endpoint and status.", ["endpoint", "status"], registry=r
+        )
+        self.request_seconds = Histogram(
+            "vae_request_duration_seconds",
+            "HTTP request latency by endpoint and status.",
+            ["endpoint", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge("vae_queue_depth", "Rows waiting for the model, per kernel.", ["kernel"], registry=r)
+        self.queue_capacity = Gauge("vae_queue_capacity", "Row limit of each kernel's queue.", ["kernel"], registry=r)
+        self.queue_wait = Histogram(
+            "vae_queue_wait_seconds",
+            "Time rows waited between admission and their model call.",
+            ["kernel"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_rows = Histogram(
+            "vae_batch_rows", "Real (unpadded) rows per model call.", ["kernel"], buckets=ROWS_BUCKETS, registry=r
+        )
+        self.model_seconds = Histogram(
+            "vae_model_seconds", "Time of one model call, per kernel.", ["kernel"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.rejections = Counter("vae_rejections", "Rejected or dropped work by reason.", ["reason"], registry=r)
+        for reason in REJECTION_REASONS:
+            self.rejections.labels(reason)  # exported at 0 so rate() works from the first scrape
+        self.ready = Gauge("vae_ready", "1 when the model is loaded, warm and not draining.", registry=r)
+        self.model_info = Gauge(
+            "vae_model_info", "The served artifact (value is always 1).", ["version", "sha256", "device"], registry=r
+        )
+        self.gpu_memory = Gauge(
+            "vae_gpu_memory_bytes", "CUDA memory of the serving device.", ["device", "kind"], registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,70 @@
+"""Pure ASGI middleware: request metrics per endpoint and status, and the body-size limit.
+
+Pure ASGI rather than BaseHTTPMiddleware: no extra task per request, and the size limit is enforced while
+the body streams in, so an oversized upload is refused without being buffered.
+"""
+
+import time
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import RequestTooLarge, error_response
+from service.metrics import Metrics
+
+# Endpoint label values are bounded: any other path is counted as "other".
+ENDPOINTS = frozenset({
+    "/encode", "/decode", "/sample", "/interpolate", "/anomaly-score",
+    "/livez", "/readyz", "/metrics", "/v1/model", "/docs", "/openapi.json",
+})
+
+
+class RequestMetrics:
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        status = 500  # if the app dies before answering, that is what the client sees
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
+            labels = (endpoint, str(status))
+            self.metrics.requests.labels(*labels).inc()
+            self.metrics.request_seconds.labels(*labels).observe(time.perf_counter() - started)
+
+
+class BodyLimit:
+    def __init__(self, app: ASGIApp, max_bytes: int, metrics: Metrics) -> None:
+        self.app, self.max_bytes, self.metrics = app, max_bytes, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            self.metrics.rejections.labels("too_large").inc()
+            response = error_response(413, "too_large", f"body of {int(declared)} bytes; the limit is {self.max_bytes}")
+            return await response(scope, receive, send)
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:  # chunked bodies declare no length: count as they stream
+                    self.metrics.rejections.labels("too_large").inc()
+                    raise RequestTooLarge(f"body over the limit of {self.max_bytes} bytes")
+            return message
+
+        await self.app(scope, limited_receive, send)

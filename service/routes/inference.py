@@ -1,0 +1,95 @@
+"""/encode, /decode, /sample, /interpolate: the model's latent space over HTTP."""
+
+import secrets
+from typing import Annotated, Literal, Optional
+
+import numpy as np
+from fastapi import APIRouter, Depends, Query, Request, Response
+from service.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from service import codecs, latent
+from service.deps import Deadline, Ready, require_api_key
+from service.errors import RequestTooLarge
+from service.inputs import IMAGE_BODY, NPY, images_response, latents, read_images, read_json, wants_npy
+from service.schemas import EncodeOut, ErrorResponse, ImagesOut, InterpolateIn, LatentsIn, SampleIn
+
+ERRORS = {code: {"model": ErrorResponse} for code in (401, 413, 415, 422, 503)}
+IMAGES_OUT = {200: {"content": {NPY: {"schema": {"type": "string", "format": "binary"}}}}}
+
+router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)], responses=ERRORS)
+
+
+@router.post("/encode", response_model=EncodeOut, openapi_extra=IMAGE_BODY,
+             responses={200: {"content": {NPY: {"schema": {"type": "string", "format": "binary"}}}}})
+async def encode(
+    request: Request, state: Ready, deadline: Deadline,
+    sample: Annotated[bool, Query(description="Also return z = mu + sigma * eps drawn with `seed`.")] = False,
+    seed: Annotated[Optional[int], Query(ge=0, le=2**63 - 1)] = None,
+) -> Response:
+    """Images -> posterior mean and log-variance per image (npy: (N, 2, D) stacked mu, logvar)."""
+    images = await read_images(request, state.image_spec, state.settings.max_rows)
+    out = await state.batcher.submit("encode", images, deadline=deadline)
+    if wants_npy(request):
+        return Response(codecs.encode_npy(np.stack([out["mu"], out["logvar"]], axis=1)), media_type=NPY)
+    body = {"mu": out["mu"].tolist(), "logvar": out["logvar"].tolist(), "z": None, "seed": None}
+    if sample:
+        seed = secrets.randbits(63) if seed is None else seed
+        body.update(z=latent.posterior_sample(out["mu"], out["logvar"], seed).tolist(), seed=seed)
+    return JSONResponse(body)
+
+
+@router.post("/decode", response_model=ImagesOut, responses=IMAGES_OUT)
+async def decode(request: Request, state: Ready, deadline: Deadline) -> Response:
+    """Latent vectors -> images (base64 PNG in JSON, or float32 pixel means as npy)."""
+    body = await read_json(request, LatentsIn)
+    z = latents(body.z, state.runtime.info.latent_dim, state.settings.max_rows)
+    out = await state.batcher.submit("decode", z, deadline=deadline)
+    return await images_response(request, out["pixels"], z)
+
+
+@router.post("/sample", response_model=ImagesOut, responses=IMAGES_OUT)
+async def sample(request: Request, state: Ready, deadline: Deadline) -> Response:
+    """Draw n images from the prior; the same seed gives the same z and the same bytes."""
+    body = await read_json(request, SampleIn)
+    if body.n > state.settings.max_n:
+        raise RequestTooLarge(f"n={body.n} is over the limit of {state.settings.max_n}")
+    seed = secrets.randbits(63) if body.seed is None else body.seed
+    z = latent.prior_sample(body.n, state.runtime.info.latent_dim, seed, body.temperature)
+    out = await state.batcher.submit("decode", z, deadline=deadline)
+    return await images_response(request, out["pixels"], z, seed=seed)
+
+
+@router.post("/interpolate", response_model=ImagesOut, responses=IMAGES_OUT, openapi_extra={
+    "requestBody": {"required": True, "content": {
+        **IMAGE_BODY["requestBody"]["content"],
+        "application/json": {"schema": {"$ref": "#/components/schemas/InterpolateIn"}},
+    }}})
+async def interpolate(
+    request: Request, state: Ready, deadline: Deadline,
+    steps: Annotated[int, Query(ge=2, description="Frames including both ends.")] = 8,
+    method: Annotated[Literal["linear", "slerp"], Query()] = "slerp",
+) -> Response:
+    """Frames between two images (their posterior means) or two latents; the ends decode mu_a and mu_b."""
+    if steps > state.settings.max_steps:
+        raise RequestTooLarge(f"steps={steps} is over the limit of {state.settings.max_steps}")
+    ends = await _end_latents(request, state, deadline)
+    path = latent.interpolate(ends[0], ends[1], steps, method)
+    out = await state.batcher.submit("decode", path, deadline=deadline)
+    return await images_response(request, out["pixels"], path)
+
+
+async def _end_latents(request: Request, state, deadline: float) -> np.ndarray:
+    dim = state.runtime.info.latent_dim
+    if request.headers.get("content-type", "").startswith("application/json"):
+        body = await read_json(request, InterpolateIn)
+        if (body.z is None) == (body.images is None):
+            raise codecs.InvalidInput("give exactly one of z (two latents) or images (two base64 images)")
+        if body.z is not None:
+            return latents(body.z, dim, 2)
+        images = await run_in_threadpool(codecs.decode_base64_images, body.images, state.image_spec)
+    else:
+        images = await read_images(request, state.image_spec, 2)
+    if len(images) != 2:
+        raise codecs.InvalidInput(f"interpolation needs exactly two images, got {len(images)}")
+    return (await state.batcher.submit("encode", images, deadline=deadline))["mu"]

@@ -1,0 +1,51 @@
+"""Health, readiness, metrics and model metadata: unauthenticated, cheap, never queued."""
+
+from fastapi import APIRouter, Response
+from service.responses import JSONResponse
+
+from service.deps import State
+from service.metrics import CONTENT_TYPE
+from service.schemas import ModelOut, Status
+
+router = APIRouter(tags=["ops"])
+
+
+@router.get("/livez", response_model=Status)
+async def livez() -> JSONResponse:
+    """200 while the process serves HTTP at all."""
+    return JSONResponse({"status": "alive"})
+
+
+@router.get("/readyz", response_model=Status, responses={503: {"model": Status}})
+async def readyz(state: State) -> JSONResponse:
+    """200 once the model is loaded and every shape bucket is warm; 503 before that and while draining."""
+    if state.ready:
+        return JSONResponse({"status": "ready"})
+    status = "draining" if state.draining else "warming_up"
+    return JSONResponse({"status": status}, status_code=503, headers={"Retry-After": "1"})
+
+
+@router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE: {}}}})
+async def metrics(state: State) -> Response:
+    """Prometheus text exposition."""
+    if state.runtime is not None:
+        device = str(state.runtime.device)
+        for kind, value in state.runtime.gpu_memory().items():
+            state.metrics.gpu_memory.labels(device, kind).set(value)
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+
+@router.get("/v1/model", response_model=ModelOut, responses={503: {}})
+async def model(state: State) -> JSONResponse:
+    """The served artifact: device, sha256, shapes and its metadata.json (calibration scores left out)."""
+    if state.runtime is None:
+        return JSONResponse({"error": {"code": "not_ready", "message": "no model loaded"}}, status_code=503)
+    info = state.runtime.info
+    meta = dict(state.runtime.metadata)
+    if isinstance(meta.get("calibration"), dict):
+        meta["calibration"] = {k: v for k, v in meta["calibration"].items() if k != "scores"}
+    return JSONResponse({
+        "device": str(state.runtime.device), "sha256": info.sha256,
+        "image": {"channels": info.channels, "height": info.height, "width": info.width},
+        "latent_dim": info.latent_dim, "score_k": info.score_k, "metadata": meta,
+    })
