@@ -2,6 +2,7 @@
 
 import argparse
 import logging
+import signal
 import sys
 from typing import List, Optional
 
@@ -21,6 +22,13 @@ class _DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, state) -> None:
         super().__init__(config)
         self._state = state
+
+    def run(self, sockets=None) -> None:
+        # uvicorn re-raises the signal it caught once shutdown is done, which would turn a clean drain
+        # into exit status 143; with no-op handlers restored instead, main() returns 0.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: None)
+        super().run(sockets)
 
     def handle_exit(self, sig, frame) -> None:
         self._state.draining = True

@@ -201,6 +201,11 @@ class Batcher:
         sizes = [len(item.rows) for item in batch]
         try:
             outputs = await self.run_in_worker(self._call, kernel, [item.rows for item in batch], params)
+        except asyncio.CancelledError:  # stop() while this batch ran: its callers must still hear back
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(BatcherStopped("the service stopped before this batch finished"))
+            raise
         except Exception as exc:
             error_id = uuid.uuid4().hex[:12]
             log.error("model call failed: kernel=%s rows=%d error_id=%s", kernel, sum(sizes), error_id, exc_info=exc)

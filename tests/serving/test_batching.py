@@ -1,0 +1,161 @@
+"""The batcher's contract, on a fake kernel: coalescing, limits, deadlines, failures, cancellation."""
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from service.batching import BatchFailed, Batcher, DeadlineExceeded, QueueFull
+from service.metrics import Metrics
+
+
+class Kernel:
+    """Doubles its input and records the size of every call."""
+
+    def __init__(self, fail_on=None, delay=0.0):
+        self.calls = []
+        self.fail_on = fail_on
+        self.delay = delay
+
+    def __call__(self, kernel, rows, params):
+        self.calls.append((kernel, len(rows), params))
+        if self.delay:
+            time.sleep(self.delay)
+        if self.fail_on is not None and self.fail_on(rows):
+            raise RuntimeError("injected failure")
+        return {"y": rows * 2, "k": np.full(len(rows), params or 0)}
+
+
+def make(kernel, *, max_rows=8, delay=0.05, queue_limit=1000):
+    return Batcher(kernel, kernels=("k",), max_rows=lambda kernel, params: max_rows, max_delay_s=delay,
+                   queue_limit=queue_limit, metrics=Metrics())
+
+
+async def started(batcher):
+    batcher.start()
+    return batcher
+
+
+@pytest.mark.parametrize(
+    "sizes, max_rows, delay, expected_calls",
+    [
+        ([1], 8, 0.0, [1]),  # one item, no delay: runs at once
+        ([1] * 8, 8, 0.2, [8]),  # a full batch closes before the delay
+        ([3, 3, 3], 8, 0.2, [6, 3]),  # a request never straddles two calls when it fits whole in the next
+        ([20], 8, 0.0, [8, 8, 4]),  # one big request is split into row-limited pieces
+    ],
+)
+async def test_coalesces_rows_up_to_the_limit(sizes, max_rows, delay, expected_calls):
+    kernel = Kernel()
+    batcher = await started(make(kernel, max_rows=max_rows, delay=delay))
+    try:
+        inputs = [np.arange(n, dtype=np.float32) + 100 * i for i, n in enumerate(sizes)]
+        results = await asyncio.gather(*(batcher.submit("k", x) for x in inputs))
+        for x, out in zip(inputs, results):
+            np.testing.assert_array_equal(out["y"], x * 2)  # each caller gets exactly its rows back, in order
+        assert [n for _, n, _ in kernel.calls] == expected_calls
+    finally:
+        await batcher.stop()
+
+
+async def test_rows_with_different_params_never_share_a_call():
+    kernel = Kernel()
+    batcher = await started(make(kernel, delay=0.1))
+    try:
+        a, b = await asyncio.gather(batcher.submit("k", np.ones(2), params=4), batcher.submit("k", np.ones(2), params=16))
+        assert a["k"].tolist() == [4, 4] and b["k"].tolist() == [16, 16]
+        assert sorted(p for _, _, p in kernel.calls) == [4, 16]
+    finally:
+        await batcher.stop()
+
+
+async def test_delay_starts_at_the_first_row():
+    kernel = Kernel()
+    batcher = await started(make(kernel, delay=0.3))
+    try:
+        start = time.monotonic()
+        await batcher.submit("k", np.ones(1))
+        waited = time.monotonic() - start
+        assert 0.25 <= waited < 2.0, waited  # a lone row waits out the delay, then runs
+    finally:
+        await batcher.stop()
+
+
+async def test_full_queue_rejects_with_retry_after_and_loses_nothing():
+    kernel = Kernel(delay=0.2)
+    batcher = await started(make(kernel, max_rows=4, delay=0.0, queue_limit=8))
+    try:
+        first = asyncio.create_task(batcher.submit("k", np.ones(8)))
+        await asyncio.sleep(0)  # the 8 rows are admitted
+        with pytest.raises(QueueFull) as info:
+            await batcher.submit("k", np.ones(1))
+        assert info.value.retry_after >= 1
+        assert len((await first)["y"]) == 8
+        assert len((await batcher.submit("k", np.ones(3)))["y"]) == 3  # room again once drained
+    finally:
+        await batcher.stop()
+
+
+async def test_expired_rows_are_dropped_before_compute():
+    kernel = Kernel(delay=0.2)
+    batcher = await started(make(kernel, max_rows=1, delay=0.0))
+    try:
+        blocker = asyncio.create_task(batcher.submit("k", np.ones(1)))
+        await asyncio.sleep(0.05)  # the worker is busy with the blocker
+        with pytest.raises(DeadlineExceeded):
+            await batcher.submit("k", np.full(1, 7.0), deadline=time.monotonic() + 0.01)
+        await blocker
+        assert all(n == 1 for _, n, _ in kernel.calls) and len(kernel.calls) == 1
+    finally:
+        await batcher.stop()
+
+
+async def test_a_failing_batch_fails_only_its_requests_and_the_loop_survives():
+    kernel = Kernel(fail_on=lambda rows: (rows == -1).any())
+    batcher = await started(make(kernel, max_rows=1, delay=0.0))
+    try:
+        bad, good = await asyncio.gather(
+            batcher.submit("k", np.array([-1.0])), batcher.submit("k", np.array([5.0])), return_exceptions=True
+        )
+        assert isinstance(bad, BatchFailed) and bad.error_id
+        assert good["y"].tolist() == [10.0]
+        assert (await batcher.submit("k", np.array([1.0])))["y"].tolist() == [2.0]
+    finally:
+        await batcher.stop()
+
+
+async def test_cancelled_requests_are_not_computed():
+    kernel = Kernel(delay=0.2)
+    batcher = await started(make(kernel, max_rows=1, delay=0.0))
+    try:
+        blocker = asyncio.create_task(batcher.submit("k", np.ones(1)))
+        await asyncio.sleep(0.05)
+        gone = asyncio.create_task(batcher.submit("k", np.full(1, 3.0)))
+        await asyncio.sleep(0.01)
+        gone.cancel()  # the client went away while its row waited
+        await blocker
+        await batcher.submit("k", np.ones(1))
+        assert len(kernel.calls) == 2  # blocker + the last one; the cancelled row never ran
+    finally:
+        await batcher.stop()
+
+
+async def test_stop_fails_queued_work_and_refuses_new_work():
+    kernel = Kernel(delay=0.2)
+    batcher = await started(make(kernel, max_rows=1, delay=0.0))
+    running = asyncio.create_task(batcher.submit("k", np.ones(1)))
+    queued = asyncio.create_task(batcher.submit("k", np.ones(1)))
+    await asyncio.sleep(0.05)
+    await batcher.stop()
+    results = await asyncio.gather(running, queued, return_exceptions=True)
+    assert any(isinstance(r, Exception) for r in results)
+    with pytest.raises(Exception, match="not serving"):
+        await batcher.submit("k", np.ones(1))
+
+
+def test_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="max_delay_s"):
+        Batcher(Kernel(), kernels=("k",), max_rows=lambda k, p: 1, max_delay_s=-1, queue_limit=1, metrics=Metrics())
+    with pytest.raises(ValueError, match="queue_limit"):
+        Batcher(Kernel(), kernels=("k",), max_rows=lambda k, p: 1, max_delay_s=0, queue_limit=0, metrics=Metrics())
