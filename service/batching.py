@@ -18,7 +18,7 @@ import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Deque, Dict, Hashable, List, Optional, Sequence
+from typing import Awaitable, Callable, Deque, Dict, Hashable, List, Optional, Sequence
 
 import numpy as np
 
@@ -45,6 +45,10 @@ class DeadlineExceeded(Exception):
 
 class BatcherStopped(Exception):
     """The batcher is shutting down and takes no more work."""
+
+
+class Abandoned(Exception):
+    """The caller stopped waiting (client disconnected); its rows were dropped before compute."""
 
 
 class BatchFailed(Exception):
@@ -111,7 +115,25 @@ class Batcher:
 
     # -- submission ----------------------------------------------------------------------------
     async def submit(self, kernel: str, rows: np.ndarray, params: Hashable = None,
-                     deadline: Optional[float] = None) -> Outputs:
+                     deadline: Optional[float] = None, abandoned: Optional[Awaitable] = None) -> Outputs:
+        """Rows in, outputs out (see the module docstring). If ``abandoned`` (e.g. "the client hung up")
+        completes first, the rows are withdrawn, never computed, and ``Abandoned`` is raised."""
+        if abandoned is None:
+            return await self._submit(kernel, rows, params, deadline)
+        work = asyncio.ensure_future(self._submit(kernel, rows, params, deadline))
+        watch = asyncio.ensure_future(abandoned)
+        try:
+            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():
+                work.cancel()
+                await asyncio.wait({work})  # let the cancellation withdraw the queued rows
+                raise Abandoned("the caller went away before its rows were computed")
+            return work.result()
+        finally:
+            work.cancel()
+            watch.cancel()
+
+    async def _submit(self, kernel: str, rows: np.ndarray, params: Hashable, deadline: Optional[float]) -> Outputs:
         if self._stopped or not self._tasks:
             raise BatcherStopped("the model is not serving")
         n = len(rows)

@@ -69,6 +69,13 @@ def request_deadline(
     return time.monotonic() + timeout
 
 
+async def client_gone(request: Request) -> None:
+    """Return once the client has disconnected. Only awaited after the body is read: from then on the
+    server's receive channel has nothing more to say until the connection closes."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 Ready = Annotated[ServiceState, Depends(ready_state)]
 State = Annotated[ServiceState, Depends(get_state)]
 Deadline = Annotated[float, Depends(request_deadline)]

@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from service.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.batching import BatchFailed, BatcherStopped, DeadlineExceeded, QueueFull
+from service.batching import Abandoned, BatchFailed, BatcherStopped, DeadlineExceeded, QueueFull
 from service.codecs import InvalidInput
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,11 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(DeadlineExceeded)
     async def _deadline(request: Request, exc: DeadlineExceeded) -> JSONResponse:
         return error_response(503, "deadline_exceeded", str(exc), headers={"Retry-After": "1"})
+
+    @app.exception_handler(Abandoned)
+    async def _abandoned(request: Request, exc: Abandoned) -> JSONResponse:
+        # Nobody reads this; 499 (nginx's "client closed request") keeps it apart in the metrics.
+        return error_response(499, "client_closed_request", str(exc))
 
     @app.exception_handler(ModelNotReady)
     async def _not_ready(request: Request, exc: ModelNotReady) -> JSONResponse:

@@ -14,7 +14,7 @@ from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -147,24 +147,26 @@ class ModelRuntime:
     @torch.inference_mode()
     def encode(self, images: np.ndarray) -> Dict[str, np.ndarray]:
         """uint8 (N, C, H, W) -> mu, logvar (N, D) float32."""
-        parts = [self.module.encode(x) for x in self._chunks(images, self.buckets)]
+        parts = [self._split_on_oom(self.module.encode, x) for x in self._chunks(images, self.buckets)]
         return self._collect(parts, ("mu", "logvar"), len(images))
 
     @torch.inference_mode()
     def decode(self, z: np.ndarray) -> Dict[str, np.ndarray]:
         """float32 (N, D) -> pixel means (N, C, H, W) float32 in [0, 1]."""
-        parts = [(self.module.decode(t),) for t in self._chunks(z, self.buckets)]
+        parts = [self._split_on_oom(lambda t: (self.module.decode(t),), t) for t in self._chunks(z, self.buckets)]
         return self._collect(parts, ("pixels",), len(z))
 
     @torch.inference_mode()
     def score(self, images: np.ndarray, k: int) -> Dict[str, np.ndarray]:
         """uint8 (N, C, H, W) -> iw_ll, elbo, rec, kl (N,) and log_w (N, K); noise fixed per K, shared by rows."""
         noise = self._noise_for(k)
-        parts = []
-        for x in self._chunks(images, self.score_buckets(k)):
+
+        def score(x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
             eps = noise.unsqueeze(1).expand(k, x.shape[0], self.info.latent_dim)  # (K, D) -> (K, B, D), no copy
             iw, elbo, rec, kl, log_w = self.module.score(x, eps)
-            parts.append((iw, elbo, rec, kl, log_w.t()))
+            return iw, elbo, rec, kl, log_w.t()  # log_w (K, B) -> (B, K): rows first, like the rest
+
+        parts = [self._split_on_oom(score, x) for x in self._chunks(images, self.score_buckets(k))]
         return self._collect(parts, ("iw_ll", "elbo", "rec", "kl", "log_w"), len(images))
 
     def score_buckets(self, k: int) -> List[int]:
@@ -194,6 +196,21 @@ class ModelRuntime:
         return {"allocated": torch.cuda.memory_allocated(self.device), "reserved": torch.cuda.memory_reserved(self.device)}
 
     # -- helpers -------------------------------------------------------------------------------
+    def _split_on_oom(self, fn: Callable[[torch.Tensor], Tuple[torch.Tensor, ...]],
+                      x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """Run fn on x; if the device runs out of memory, retry on halves (down to single rows)."""
+        try:
+            return fn(x)
+        except torch.OutOfMemoryError:
+            if x.shape[0] <= 1:
+                raise
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()  # hand the failed attempt's blocks back before retrying
+            log.warning("out of memory on %d rows; retrying in halves", x.shape[0])
+            half = x.shape[0] // 2
+            first, second = self._split_on_oom(fn, x[:half]), self._split_on_oom(fn, x[half:])
+            return tuple(torch.cat([a, b]) for a, b in zip(first, second))
+
     def _noise_for(self, k: int) -> torch.Tensor:
         """The contract's noise: randn((K, D)) from a CPU generator seeded with scoring.noise_seed."""
         if k not in self._noise:

@@ -7,7 +7,7 @@ from service.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from service import scoring
-from service.deps import Deadline, Ready, require_api_key
+from service.deps import Deadline, Ready, client_gone, require_api_key
 from service.errors import RequestTooLarge
 from service.inputs import IMAGE_BODY, read_images
 from service.routes.inference import ERRORS
@@ -29,7 +29,7 @@ async def anomaly_score(
     if k > state.settings.max_k:
         raise RequestTooLarge(f"k={k} is over the limit of {state.settings.max_k}")
     images = await read_images(request, state.image_spec, state.settings.max_rows)
-    out = await state.batcher.submit("score", images, params=k, deadline=deadline)
+    out = await state.batcher.submit("score", images, params=k, deadline=deadline, abandoned=client_gone(request))
     rows = await run_in_threadpool(
         scoring.score_rows, out, num_dims=state.runtime.info.num_dims, calibration=state.calibration,
         alpha=alpha, tail=tail, k=k,

@@ -9,7 +9,7 @@ from service.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from service import codecs, latent
-from service.deps import Deadline, Ready, require_api_key
+from service.deps import Deadline, Ready, client_gone, require_api_key
 from service.errors import RequestTooLarge
 from service.inputs import IMAGE_BODY, NPY, images_response, latents, read_images, read_json, wants_npy
 from service.schemas import EncodeOut, ErrorResponse, ImagesOut, InterpolateIn, LatentsIn, SampleIn
@@ -29,7 +29,7 @@ async def encode(
 ) -> Response:
     """Images -> posterior mean and log-variance per image (npy: (N, 2, D) stacked mu, logvar)."""
     images = await read_images(request, state.image_spec, state.settings.max_rows)
-    out = await state.batcher.submit("encode", images, deadline=deadline)
+    out = await state.batcher.submit("encode", images, deadline=deadline, abandoned=client_gone(request))
     if wants_npy(request):
         return Response(codecs.encode_npy(np.stack([out["mu"], out["logvar"]], axis=1)), media_type=NPY)
     body = {"mu": out["mu"].tolist(), "logvar": out["logvar"].tolist(), "z": None, "seed": None}
@@ -44,7 +44,7 @@ async def decode(request: Request, state: Ready, deadline: Deadline) -> Response
     """Latent vectors -> images (base64 PNG in JSON, or float32 pixel means as npy)."""
     body = await read_json(request, LatentsIn)
     z = latents(body.z, state.runtime.info.latent_dim, state.settings.max_rows)
-    out = await state.batcher.submit("decode", z, deadline=deadline)
+    out = await state.batcher.submit("decode", z, deadline=deadline, abandoned=client_gone(request))
     return await images_response(request, out["pixels"], z)
 
 
@@ -56,7 +56,7 @@ async def sample(request: Request, state: Ready, deadline: Deadline) -> Response
         raise RequestTooLarge(f"n={body.n} is over the limit of {state.settings.max_n}")
     seed = secrets.randbits(63) if body.seed is None else body.seed
     z = latent.prior_sample(body.n, state.runtime.info.latent_dim, seed, body.temperature)
-    out = await state.batcher.submit("decode", z, deadline=deadline)
+    out = await state.batcher.submit("decode", z, deadline=deadline, abandoned=client_gone(request))
     return await images_response(request, out["pixels"], z, seed=seed)
 
 
@@ -75,7 +75,7 @@ async def interpolate(
         raise RequestTooLarge(f"steps={steps} is over the limit of {state.settings.max_steps}")
     ends = await _end_latents(request, state, deadline)
     path = latent.interpolate(ends[0], ends[1], steps, method)
-    out = await state.batcher.submit("decode", path, deadline=deadline)
+    out = await state.batcher.submit("decode", path, deadline=deadline, abandoned=client_gone(request))
     return await images_response(request, out["pixels"], path)
 
 
@@ -92,4 +92,4 @@ async def _end_latents(request: Request, state, deadline: float) -> np.ndarray:
         images = await read_images(request, state.image_spec, 2)
     if len(images) != 2:
         raise codecs.InvalidInput(f"interpolation needs exactly two images, got {len(images)}")
-    return (await state.batcher.submit("encode", images, deadline=deadline))["mu"]
+    return (await state.batcher.submit("encode", images, deadline=deadline, abandoned=client_gone(request)))["mu"]
