@@ -129,6 +129,7 @@ class VAE(nn.Module):
 
     def log_px_z(self, x: Tensor, params: Tensor) -> Tensor:
         """log p(x|z) per sample, summed over pixels -> (B,)."""
+        params = params.float()  # under CUDA autocast the decoder hands out bf16/fp16; sum in float32
         if self.likelihood == "bernoulli":
             return objectives.bernoulli_log_prob(x, params)
         loc, log_scale = self._logistic_params(params)

@@ -1,0 +1,136 @@
+"""The training loop: it learns, it is reproducible, it resumes, its schedule, and the CLI's outputs."""
+
+import json
+
+import pytest
+import torch
+
+from training import trainer
+from training.__main__ import main
+from training.data import Split, make_loader
+from training.distributed import DistContext
+from training.export import load_artifact
+from training.model import VAE, VAEConfig
+
+CPU = DistContext(rank=0, world_size=1, device=torch.device("cpu"))
+
+
+def small_vae(seed: int = 0) -> VAE:
+    torch.manual_seed(seed)
+    return VAE(VAEConfig(channels=1, height=8, width=8, latent_dim=4, base_width=8, hidden=32, levels=17))
+
+
+def subset(split: Split, n: int) -> Split:
+    return Split(split.images[:n], split.labels[:n])
+
+
+def run_training(dataset, epochs: int, seed: int = 0, **kwargs):
+    vae = small_vae(seed)
+    config = trainer.TrainConfig(epochs=epochs, batch_size=32, lr=3e-3, seed=seed, patience=0)
+    result = trainer.train(vae, subset(dataset.train, 256), subset(dataset.val, 64), dataset.levels, config, CPU,
+                           **kwargs)
+    return vae, result
+
+
+def test_kl_weight_schedule():
+    assert trainer.kl_weight(0.0, 10, 1.0) == 0.0
+    assert trainer.kl_weight(2.5, 10, 1.0) == pytest.approx(0.25)
+    assert trainer.kl_weight(5.0, 10, 4.0) == pytest.approx(2.0)
+    assert trainer.kl_weight(10.0, 10, 1.0) == 1.0
+    assert trainer.kl_weight(37.0, 10, 0.5) == 0.5  # stays at beta after warm-up
+    assert trainer.kl_weight(0.0, 0, 0.7) == 0.7  # no warm-up: beta from the first step
+    weights = [trainer.kl_weight(e / 4, 3, 1.0) for e in range(20)]
+    assert weights == sorted(weights)
+
+
+def test_a_few_steps_lower_the_validation_loss(digits_dataset):
+    vae = small_vae()
+    train = make_loader(subset(digits_dataset.train, 512), digits_dataset.levels, batch_size=32, shuffle=True, seed=0)
+    config = trainer.TrainConfig(epochs=1, lr=3e-3)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.lr)
+    before = trainer.validate(vae, digits_dataset.val, digits_dataset.levels, CPU.device, CPU, 256)
+    metrics = trainer.train_one_epoch(vae, train, optimizer, CPU.device, epoch=0, config=config,
+                                      generator=torch.Generator().manual_seed(0))
+    after = trainer.validate(vae, digits_dataset.val, digits_dataset.levels, CPU.device, CPU, 256)
+    assert set(metrics) >= {"loss", "rec", "kl", "elbo", "n"} and metrics["n"] == 512
+    assert after["loss"] < before["loss"] - 1.0, (before, after)
+
+
+def test_same_seed_gives_identical_weights(digits_dataset):
+    a, result_a = run_training(digits_dataset, epochs=2, seed=3)
+    b, result_b = run_training(digits_dataset, epochs=2, seed=3)
+    c, _ = run_training(digits_dataset, epochs=2, seed=4)
+    for (name, ta), tb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(ta, tb), name
+    assert any(not torch.equal(ta, tc) for ta, tc in zip(a.state_dict().values(), c.state_dict().values()))
+    assert [row["val_elbo"] for row in result_a.history] == [row["val_elbo"] for row in result_b.history]
+
+
+def test_resume_continues_where_the_checkpoint_stopped(digits_dataset, tmp_path):
+    full, full_result = run_training(digits_dataset, epochs=3, checkpoint_path=tmp_path / "full.ckpt")
+    run_training(digits_dataset, epochs=2, checkpoint_path=tmp_path / "part.ckpt")
+    checkpoint = trainer.load_checkpoint(tmp_path / "part.ckpt")
+    assert checkpoint["epoch"] == 2 and len(checkpoint["history"]) == 2
+    assert VAEConfig(**checkpoint["config"]) == small_vae().config
+    steps_per_epoch = 256 // 32
+    assert all(s["step"] == 2 * steps_per_epoch for s in checkpoint["optimizer"]["state"].values())
+
+    resumed, resumed_result = run_training(digits_dataset, epochs=3, checkpoint_path=tmp_path / "part.ckpt",
+                                           resume=checkpoint)
+    assert [row["epoch"] for row in resumed_result.history] == [1, 2, 3]
+    untimed = lambda history: [{k: v for k, v in row.items() if k != "time_s"} for row in history]  # noqa: E731
+    assert untimed(resumed_result.history) == untimed(full_result.history)
+    for (name, ta), tb in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(ta, tb), name
+    after = trainer.load_checkpoint(tmp_path / "part.ckpt")
+    assert after["epoch"] == 3
+    assert all(s["step"] == 3 * steps_per_epoch for s in after["optimizer"]["state"].values())
+
+
+def test_early_stopping_restores_the_best_epoch(digits_dataset):
+    torch.manual_seed(0)
+    vae = VAE(VAEConfig(channels=1, height=8, width=8, levels=17))
+    # The full-size model on 32 images at a high learning rate overfits within a few epochs, so validation
+    # stops improving long before epoch 40.
+    config = trainer.TrainConfig(epochs=40, batch_size=16, lr=1e-2, patience=2)
+    result = trainer.train(vae, subset(digits_dataset.train, 32), digits_dataset.val, digits_dataset.levels,
+                           config, CPU)
+    assert result.epochs_run < 40 and result.epochs_run == result.best_epoch + 2
+    assert len(result.history) == result.epochs_run
+    best_row = result.history[result.best_epoch - 1]
+    assert best_row["val_elbo"] == max(row["val_elbo"] for row in result.history) == result.best_val_elbo
+    again = trainer.validate(vae, digits_dataset.val, digits_dataset.levels, CPU.device, CPU, 256)
+    assert again["elbo"] == pytest.approx(best_row["val_elbo"], abs=1e-3)
+
+
+def test_minimal_cli_writes_artifact_report_and_figures(tmp_path, capsys):
+    out = tmp_path / "run" / "vae.ts"
+    assert main(["--data", "digits", "--epochs", "2", "--out", str(out)]) == 0
+    _, meta = load_artifact(out)
+    assert meta["training"]["epochs_run"] == 2 and meta["evaluation"]["iw_k"] == 1000
+    report = json.loads((out.parent / "report.json").read_text())
+    assert [row["epoch"] for row in report["history"]] == [1, 2]
+    assert report["evaluation"] == meta["evaluation"]
+    assert "scores" not in report["calibration"] and report["calibration"]["n"] == meta["data"]["n_calib"]
+    for name in ("loss_curves.png", "reconstructions.png", "samples.png", "latents.png", "scores.png"):
+        assert (out.parent / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert (out.parent / "vae.ckpt").is_file()
+    printed = capsys.readouterr().out
+    assert str(out) in printed and "IW-NLL" in printed and "bits/dim" in printed
+
+
+def test_binarisation_fixed_for_evaluation_fresh_for_training(digits_dataset):
+    val = digits_dataset.val
+    once = trainer.binarize_once(val, digits_dataset.levels, seed=7)
+    assert set(once.images.ravel().tolist()) <= {0, 1}
+    assert (once.images == trainer.binarize_once(val, digits_dataset.levels, seed=7).images).all()
+    # A pixel of intensity v/16 is on with probability v/16.
+    assert abs(once.images.mean() - val.images.mean() / 16) < 0.02
+
+    torch.manual_seed(0)
+    vae = VAE(VAEConfig(channels=1, height=8, width=8, latent_dim=4, base_width=8, hidden=32,
+                        likelihood="bernoulli", levels=2))
+    config = trainer.TrainConfig(epochs=1, batch_size=64, binarize=True, patience=0)
+    result = trainer.train(vae, subset(digits_dataset.train, 128), once, digits_dataset.levels, config, CPU,
+                           val_levels=2)
+    assert len(result.history) == 1 and -64 * 10 < result.history[0]["val_elbo"] < 0

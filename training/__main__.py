@@ -1,0 +1,196 @@
+"""``python -m training`` / ``vae-train``: data -> model -> train -> evaluate -> export -> report.
+
+    python -m training --data digits --epochs 2 --out runs/digits/vae.ts
+    torchrun --standalone --nproc_per_node 2 -m training --data idx:DIR --out runs/mnist/vae.ts
+
+Defaults are tuned for the default data (sklearn digits, a couple of minutes on two CPU cores). Next to the
+artifact go ``<name>.ckpt`` (the last checkpoint, for ``--resume``), ``report.json`` and the PNG figures.
+"""
+
+import argparse
+import logging
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from training import distributed, evaluate, export, trainer
+from training.data import Dataset, load_dataset, to_float
+from training.model import VAE, VAEConfig, num_parameters
+
+log = logging.getLogger("training")
+
+SPLIT_SEED = 0  # fixed, not --seed: runs with different seeds are evaluated and calibrated on the same images
+NOISE_SEED = 0  # the scoring noise seed recorded in the artifact; the service uses the same
+BINARIZE_SEED = 1234  # the one fixed draw that binarises the val / calib / test splits
+REPORT_TEST_SCORES = 2000  # test images scored for the report's histogram: enough for its shape, bounded cost
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    defaults = trainer.TrainConfig()
+    p = argparse.ArgumentParser(prog="python -m training",
+                                description="Train a VAE and export it as one TorchScript artifact with a report.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    data = p.add_argument_group("data")
+    data.add_argument("--data", default="digits", help="digits | idx:DIR | folder:DIR | npz:FILE")
+    data.add_argument("--classes", type=_int_list, default=None, help="train on these labels only, e.g. 0,1,2")
+    data.add_argument("--val-fraction", type=float, default=0.1, help="of the non-test images, for early stopping")
+    data.add_argument("--image-size", type=int, default=None, help="resize to this square side")
+    data.add_argument("--channels", type=int, choices=(1, 3), default=None, help="convert to gray or RGB")
+    data.add_argument("--binarize", action="store_true",
+                      help="dynamically binarised training data and a Bernoulli likelihood "
+                           "(default: discretised logistic over the data's pixel levels)")
+    model = p.add_argument_group("model")
+    model.add_argument("--latent-dim", type=_positive_int, default=VAEConfig.latent_dim, help="latent size D")
+    model.add_argument("--base-width", type=_positive_int, default=VAEConfig.base_width,
+                       help="conv channels after the stem")
+    opt = p.add_argument_group("training")
+    opt.add_argument("--beta", type=float, default=defaults.beta, help="KL weight after warm-up")
+    opt.add_argument("--kl-warmup", type=float, default=defaults.kl_warmup, help="epochs of KL warm-up 0 -> beta")
+    opt.add_argument("--free-bits", type=float, default=defaults.free_bits, help="nats per latent dim")
+    opt.add_argument("--lr", type=float, default=defaults.lr, help="AdamW learning rate")
+    opt.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW weight decay")
+    opt.add_argument("--grad-clip", type=float, default=defaults.grad_clip, help="max gradient norm (0: off)")
+    opt.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size, help="per process")
+    opt.add_argument("--epochs", type=_positive_int, default=defaults.epochs, help="at most (early stopping)")
+    opt.add_argument("--patience", type=int, default=defaults.patience,
+                     help="stop after this many epochs without a better validation ELBO (0: never)")
+    opt.add_argument("--seed", type=int, default=defaults.seed, help="weights init, shuffling and noise")
+    opt.add_argument("--device", choices=distributed.DEVICES, default="auto", help="auto: cuda if available")
+    opt.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+    opt.add_argument("--resume", type=Path, default=None, metavar="CKPT", help="continue from this checkpoint")
+    ev = p.add_argument_group("evaluation and output")
+    ev.add_argument("--eval-k", type=_positive_int, default=1000, help="importance samples for the test NLL")
+    ev.add_argument("--score-k", type=_positive_int, default=32, help="importance samples per anomaly score (the service's K)")
+    ev.add_argument("--out", type=Path, default=Path("runs/vae.ts"), help="artifact path")
+    ev.add_argument("--no-report", action="store_true", help="skip report.json and the figures")
+    ev.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+    return p.parse_args(argv)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _int_list(text: str) -> List[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def train_config(args: argparse.Namespace) -> trainer.TrainConfig:
+    return trainer.TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                               weight_decay=args.weight_decay, beta=args.beta, kl_warmup=args.kl_warmup,
+                               free_bits=args.free_bits, grad_clip=args.grad_clip, patience=args.patience,
+                               seed=args.seed, binarize=args.binarize, amp=not args.no_amp)
+
+
+def model_config(args: argparse.Namespace, ds: Dataset, resume: Optional[Dict]) -> VAEConfig:
+    if resume is not None:
+        config = VAEConfig(**resume["config"])
+        if (config.channels, config.height, config.width) != (ds.channels, ds.height, ds.width):
+            raise SystemExit(f"checkpoint is for {config.channels}x{config.height}x{config.width} images, "
+                             f"the data is {ds.channels}x{ds.height}x{ds.width}")
+        return config
+    return VAEConfig(channels=ds.channels, height=ds.height, width=ds.width, latent_dim=args.latent_dim,
+                     base_width=args.base_width, likelihood="bernoulli" if args.binarize else "logistic",
+                     levels=2 if args.binarize else ds.levels)
+
+
+def run(args: argparse.Namespace, ctx: distributed.DistContext) -> Optional[Dict]:
+    """Everything after argument parsing; returns the artifact metadata on rank 0, None elsewhere."""
+    started = time.perf_counter()
+    try:
+        ds = load_dataset(args.data, image_size=args.image_size, channels=args.channels, classes=args.classes,
+                          val_fraction=args.val_fraction, seed=SPLIT_SEED)
+    except (ValueError, FileNotFoundError) as exc:  # bad --data / options: a message, not a traceback
+        raise SystemExit(f"python -m training: error: {exc}") from exc
+    val, calib, test, eval_levels = ds.val, ds.calib, ds.test, ds.levels
+    if args.binarize:
+        val, calib, test = (trainer.binarize_once(s, ds.levels, BINARIZE_SEED + i)
+                            for i, s in enumerate((ds.val, ds.calib, ds.test)))
+        eval_levels = 2
+    resume = trainer.load_checkpoint(args.resume) if args.resume else None
+    config = train_config(args)
+    if resume is not None and resume["train_config"] != asdict(config):
+        changed = {k: (resume["train_config"].get(k), v) for k, v in asdict(config).items()
+                   if resume["train_config"].get(k) != v}
+        log.warning("resuming with changed training settings (checkpoint, now): %s", changed)
+    torch.manual_seed(args.seed)  # the weight initialisation; everything later has its own seeded generator
+    vae = VAE(model_config(args, ds, resume))
+    log.info("model: %s, %d parameters", asdict(vae.config), num_parameters(vae))
+    result = trainer.train(vae, ds.train, val, ds.levels, config, ctx, val_levels=eval_levels,
+                           checkpoint_path=args.out.with_suffix(".ckpt"), resume=resume)
+    if not ctx.is_main:
+        return None
+
+    device = ctx.device
+    test_x, calib_x = to_float(test.images, eval_levels), to_float(calib.images, eval_levels)
+    metrics = evaluate.test_metrics(vae, test_x, device, k=args.eval_k, seed=args.seed)
+    calib_scores = evaluate.calibration_scores(vae, calib_x, device, k=args.score_k, noise_seed=NOISE_SEED)
+    last = result.history[-1] if result.history else {}
+    meta = export.build_metadata(
+        vae,
+        data={"name": ds.name, "levels": ds.levels, "n_train": len(ds.train), "n_val": len(ds.val),
+              "n_calib": len(ds.calib), "n_test": len(ds.test), "classes": args.classes, "split_seed": SPLIT_SEED, "binarize": args.binarize,
+              "image": {"channels": ds.channels, "height": ds.height, "width": ds.width}},
+        training={"epochs_run": result.epochs_run, "best_epoch": result.best_epoch, "seed": args.seed,
+                  "beta": config.beta, "kl_warmup": config.kl_warmup, "free_bits": config.free_bits,
+                  "lr": config.lr, "batch_size": config.batch_size, "wall_time_s": round(result.wall_time_s, 2),
+                  "device": str(device), "world_size": ctx.world_size,
+                  "final": {k: v for k, v in last.items() if k.startswith(("train_", "val_"))}},
+        evaluation=metrics,
+        scoring={"k": args.score_k, "noise_seed": NOISE_SEED,
+                 "noise": "torch.randn((K, D), generator=torch.Generator('cpu').manual_seed(noise_seed)) on CPU, "
+                          "shared by every row"},
+        calibration={"split": "calib", "n": len(calib_scores), "k": args.score_k, "scores": {"nll": calib_scores}},
+    )
+    meta = export.export_artifact(vae, args.out, meta, check_x=test_x[:8])
+    if not args.no_report:
+        from training import report  # matplotlib and sklearn load only when a report is written
+
+        vae.to(device)
+        test_scores = evaluate.anomaly_scores(vae, test_x[:REPORT_TEST_SCORES], device, k=args.score_k,
+                                              noise_seed=NOISE_SEED)
+        report.write_report(args.out.parent, meta, result.history, vae=vae, test_x=test_x, test_labels=test.labels,
+                            test_mu=evaluate.posterior_means(vae, test_x, device), calib_scores=calib_scores,
+                            test_scores=test_scores, seed=args.seed)
+    _print_summary(meta, args.out, time.perf_counter() - started)
+    return meta
+
+
+def _print_summary(meta: Dict, out: Path, seconds: float) -> None:
+    ev, tr = meta["evaluation"], meta["training"]
+    print(f"artifact      {out}")
+    print(f"data          {meta['data']['name']}  train/val/calib/test = {meta['data']['n_train']}/"
+          f"{meta['data']['n_val']}/{meta['data']['n_calib']}/{meta['data']['n_test']}")
+    print(f"training      {tr['epochs_run']} epochs (best {tr['best_epoch']}), {tr['wall_time_s']:.1f}s on "
+          f"{tr['device']} x{tr['world_size']}; {seconds:.1f}s in all")
+    print(f"test ELBO     {ev['test_elbo_nats']:.3f} ± {ev['test_elbo_se']:.3f} nats  "
+          f"({ev['elbo_bits_per_dim']:.4f} bits/dim)")
+    print(f"test IW-NLL   {ev['iw_nll_nats']:.3f} ± {ev['iw_nll_se']:.3f} nats  "
+          f"({ev['iw_nll_bits_per_dim']:.4f} bits/dim, K={ev['iw_k']})")
+    print(f"active units  {ev['active_units']} / {ev['latent_dim']}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    ctx = distributed.setup(args.device)
+    level = logging.WARNING if args.quiet or not ctx.is_main else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        run(args, ctx)
+    finally:
+        distributed.cleanup(ctx)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

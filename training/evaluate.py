@@ -1,0 +1,161 @@
+"""Held-out metrics: validation ELBO, test ELBO / importance-weighted NLL, active units, anomaly scores.
+
+Like nanoGPT's ``estimate_loss``: eval mode + ``inference_mode``, each function **returns** its numbers and
+prints nothing. Sign conventions: ``*_elbo_nats`` is the ELBO itself (a log-likelihood bound, <= 0 for
+discrete data); ``*_nll_nats`` and every ``*_bits_per_dim`` are negative log-likelihoods (lower is better).
+"""
+
+import math
+from typing import Dict, Iterator, List
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from training import objectives
+from training.export import ServingModule
+from training.model import VAE, active_units
+
+# Rows (images x importance samples) per decoder call: bounds memory for any K (K=5000 runs in chunks).
+MAX_ROWS = 4096
+
+
+def _batches(x: Tensor, batch_size: int) -> Iterator[Tensor]:
+    for start in range(0, x.shape[0], batch_size):
+        yield x[start : start + batch_size]
+
+
+class _EvalMode:
+    """Put a module in eval mode for a block and restore its previous mode afterwards."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module, self.was_training = module, module.training
+
+    def __enter__(self) -> None:
+        self.module.eval()
+
+    def __exit__(self, *exc: object) -> None:
+        self.module.train(self.was_training)
+
+
+@torch.inference_mode()
+def estimate_elbo(vae: VAE, loader, device: torch.device, *, noise_seed: int = 0) -> Dict[str, float]:
+    """One-sample ELBO **sums** over every image of ``loader``: {"n", "rec", "kl", "elbo"} (nats).
+
+    Sums, not means, so ranks can all-reduce them before dividing. The noise comes from a generator seeded
+    with ``noise_seed``, so the same weights always get the same number (early stopping compares epochs).
+    """
+    gen = torch.Generator(device).manual_seed(noise_seed)
+    totals = {"n": 0.0, "rec": 0.0, "kl": 0.0, "elbo": 0.0}
+    with _EvalMode(vae):
+        for x, _ in loader:
+            x = x.to(device, non_blocking=True)
+            eps = torch.randn(x.shape[0], vae.config.latent_dim, generator=gen, device=device)
+            rec, mu, logvar = vae(x, eps)
+            kl = objectives.kl_standard_normal(mu, logvar)
+            totals["n"] += x.shape[0]
+            totals["rec"] += float(rec.sum())
+            totals["kl"] += float(kl.sum())
+            totals["elbo"] += float((rec - kl).sum())
+    return totals
+
+
+def means(totals: Dict[str, float]) -> Dict[str, float]:
+    """Per-image means of ``estimate_elbo`` sums, plus the loss (-ELBO)."""
+    n = max(totals["n"], 1.0)
+    out = {k: v / n for k, v in totals.items() if k != "n"}
+    out["loss"] = -out["elbo"]
+    return out
+
+
+@torch.inference_mode()
+def importance_weighted(vae: VAE, x: Tensor, k: int, generator: torch.Generator,
+                        max_rows: int = MAX_ROWS) -> Dict[str, Tensor]:
+    """Per image of x (B, C, H, W): the K-sample IW log-likelihood bound and the ELBO, both (B,) nats.
+
+    K is drawn in chunks of at most ``max_rows // B`` samples and merged with a running logsumexp, so
+    memory does not grow with K. The ELBO uses the mean reconstruction over the same K samples and the
+    closed-form KL, as the exported ``score`` method does.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    b, d = x.shape[0], vae.config.latent_dim
+    x = vae.quantize(x)
+    chunk = max(1, max_rows // b)
+    running = torch.full((b,), -math.inf, dtype=torch.float64, device=x.device)
+    rec_sum = torch.zeros(b, dtype=torch.float64, device=x.device)
+    mu = logvar = None
+    for start in range(0, k, chunk):
+        eps = torch.randn(min(chunk, k - start), b, d, generator=generator, device=x.device)
+        log_w, log_px_z, mu, logvar = vae.importance_weights(x, eps)  # (k_c, B) each
+        running = torch.logaddexp(running, torch.logsumexp(log_w.double(), dim=0))
+        rec_sum += log_px_z.double().sum(dim=0)
+    kl = objectives.kl_standard_normal(mu, logvar).double()
+    return {"iw_ll": running - math.log(k), "elbo": rec_sum / k - kl, "mu": mu}
+
+
+def _mean_se(values: np.ndarray) -> tuple:
+    se = float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else float("nan")
+    return float(values.mean()), se
+
+
+@torch.inference_mode()
+def test_metrics(vae: VAE, x: Tensor, device: torch.device, *, k: int, seed: int = 0,
+                 batch_size: int = 256) -> Dict[str, float]:
+    """Test-set ELBO and K-sample IW NLL (means with standard errors across images, nats and bits/dim),
+    and the number of active latent units. ``x`` holds the test images as floats on the data's support."""
+    gen = torch.Generator(device).manual_seed(seed)
+    iw_ll, elbo, mus = [], [], []
+    with _EvalMode(vae):
+        for xb in _batches(x, batch_size):
+            out = importance_weighted(vae, xb.to(device), k, gen)
+            iw_ll.append(out["iw_ll"].cpu())
+            elbo.append(out["elbo"].cpu())
+            mus.append(out["mu"].cpu())
+    nll_mean, nll_se = _mean_se(-torch.cat(iw_ll).numpy())
+    elbo_mean, elbo_se = _mean_se(torch.cat(elbo).numpy())
+    dims = vae.config.num_dims
+    return {
+        "test_elbo_nats": elbo_mean,
+        "test_elbo_se": elbo_se,
+        "iw_nll_nats": nll_mean,
+        "iw_nll_se": nll_se,
+        "iw_k": k,
+        "elbo_bits_per_dim": objectives.bits_per_dim(-elbo_mean, dims),
+        "iw_nll_bits_per_dim": objectives.bits_per_dim(nll_mean, dims),
+        "active_units": active_units(torch.cat(mus)),
+        "latent_dim": vae.config.latent_dim,
+        "n_test": int(x.shape[0]),
+    }
+
+
+@torch.inference_mode()
+def posterior_means(vae: VAE, x: Tensor, device: torch.device, batch_size: int = 1024) -> Tensor:
+    """E_q[z|x] for every image, (N, D) on the CPU."""
+    with _EvalMode(vae):
+        return torch.cat([vae.encode(vae.quantize(xb.to(device)))[0].cpu() for xb in _batches(x, batch_size)])
+
+
+def scoring_noise(k: int, latent_dim: int, noise_seed: int) -> Tensor:
+    """The service's noise for anomaly scores: (K, D) from a seeded CPU generator, shared by every row."""
+    return torch.randn((k, latent_dim), generator=torch.Generator("cpu").manual_seed(noise_seed))
+
+
+@torch.inference_mode()
+def anomaly_scores(vae: VAE, x: Tensor, device: torch.device, *, k: int, noise_seed: int = 0,
+                   max_rows: int = MAX_ROWS) -> List[float]:
+    """Anomaly score (-IW log-likelihood, nats) of every image, in order, computed exactly as the service
+    does: the exported ``score(x, eps)`` method with ``scoring_noise`` broadcast to (K, B, D)."""
+    serving = ServingModule(vae)
+    eps = scoring_noise(k, vae.config.latent_dim, noise_seed).to(device)
+    scores: List[float] = []
+    with _EvalMode(vae):
+        for xb in _batches(x, max(1, max_rows // k)):
+            iw_ll = serving.score(xb.to(device), eps.unsqueeze(1).expand(k, xb.shape[0], eps.shape[1]))[0]
+            scores.extend((-iw_ll).cpu().tolist())
+    return scores
+
+
+def calibration_scores(vae: VAE, x: Tensor, device: torch.device, *, k: int, noise_seed: int = 0) -> List[float]:
+    """Sorted anomaly scores of the held-out calibration images (what p-values are computed against)."""
+    return sorted(anomaly_scores(vae, x, device, k=k, noise_seed=noise_seed))
