@@ -57,6 +57,12 @@ class Settings(BaseSettings):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {value!r}")
         return value
 
+    @field_validator("api_key", "expected_sha256", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value):
+        # VAE_API_KEY= (set but empty, as compose and k8s often pass it) means "no key", not "the empty key".
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("log_level")
     @classmethod
     def _log_level(cls, value: str) -> str:
