@@ -18,7 +18,7 @@ from service.config import Settings
 from service.deps import ServiceState
 from service.errors import install_handlers
 from service.metrics import Metrics
-from service.middleware import BodyLimit, RequestMetrics
+from service.middleware import BodyLimit, InFlightLimit, RequestMetrics
 from service.routes import anomaly, inference, ops
 from service.runtime import KERNELS, ModelRuntime
 from service.scoring import Calibration
@@ -46,6 +46,7 @@ def create_app(settings: Optional[Settings] = None, runtime: Optional[ModelRunti
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["*"])
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, metrics=state.metrics)
+    app.add_middleware(InFlightLimit, limit=settings.max_in_flight, metrics=state.metrics)
     app.add_middleware(RequestMetrics, metrics=state.metrics)  # outermost: also counts 413s
     return app
 
@@ -87,7 +88,13 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 async def _warm_up(state: ServiceState) -> None:
-    seconds = await state.batcher.run_in_worker(state.runtime.warm_up)
+    try:
+        seconds = await state.batcher.run_in_worker(state.runtime.warm_up)
+    except Exception as exc:
+        # Not ready, and not live either: an orchestrator should replace this process, not wait for it.
+        log.exception("warm-up failed; the service stays not ready")
+        state.failed = f"warm-up failed: {type(exc).__name__}"
+        return
     state.warm = True
     state.metrics.ready.set(1)
     log.info("model warm on %s in %.2f s (buckets %s); ready", state.runtime.device, seconds, state.runtime.buckets)

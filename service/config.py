@@ -34,6 +34,7 @@ class Settings(BaseSettings):
     # A score row costs K decodes; one score call holds at most this many decoded images.
     max_score_decodes: int = Field(4096, ge=1)
     queue_limit: int = Field(2048, ge=1)  # rows waiting per kernel before new work gets 503
+    max_in_flight: int = Field(512, ge=1)  # model requests being parsed or waiting; more get 503 at once
     request_timeout_s: float = Field(30.0, gt=0.0)  # default deadline; X-Request-Timeout may lower it
 
     # Request limits, checked before any work is done.

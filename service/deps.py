@@ -25,6 +25,7 @@ class ServiceState:
     calibration: Optional[Calibration] = None
     image_spec: Optional[ImageSpec] = None
     warm: bool = False
+    failed: Optional[str] = None  # why the model can never become ready (e.g. warm-up crashed)
     draining: bool = False
     started: float = field(default_factory=time.monotonic)
 

@@ -63,6 +63,8 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and str(exc.detail).startswith("Too many"):  # starlette's multipart part limits
+            return error_response(413, "too_large", str(exc.detail))
         codes = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}
         return error_response(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail),
                               headers=getattr(exc, "headers", None))

@@ -35,11 +35,16 @@ IMAGE_BODY = {
                     "required": ["file"],
                 }
             },
-            "application/json": {"schema": {"$ref": "#/components/schemas/ImagesIn"}},
+            "application/json": {"schema": ImagesIn.model_json_schema()},
             NPY: {"schema": {"type": "string", "format": "binary"}},
         },
     }
 }
+
+
+def json_body(model: Type[BaseModel]) -> dict:
+    """OpenAPI for an endpoint that reads its JSON body itself (so FastAPI does not parse it twice)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
 
 
 def media_type(request: Request) -> str:

@@ -43,6 +43,35 @@ class RequestMetrics:
             self.metrics.request_seconds.labels(*labels).observe(time.perf_counter() - started)
 
 
+MODEL_ENDPOINTS = frozenset({"/encode", "/decode", "/sample", "/interpolate", "/anomaly-score"})
+
+
+class InFlightLimit:
+    """At most ``limit`` model requests in flight; the next get 503 + Retry-After before their body is read.
+
+    The batcher's queue bounds rows, but rows are only counted once a body is parsed: without this, a flood
+    of requests piles up in the event loop itself (the unbounded queue other servers are known for).
+    """
+
+    def __init__(self, app: ASGIApp, limit: int, metrics: Metrics) -> None:
+        self.app, self.limit, self.metrics = app, limit, metrics
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in MODEL_ENDPOINTS:
+            return await self.app(scope, receive, send)
+        if self.in_flight >= self.limit:
+            self.metrics.rejections.labels("overloaded").inc()
+            response = error_response(503, "overloaded", f"{self.in_flight} requests in flight; retry shortly",
+                                      headers={"Retry-After": "1"})
+            return await response(scope, receive, send)
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+
 class BodyLimit:
     def __init__(self, app: ASGIApp, max_bytes: int, metrics: Metrics) -> None:
         self.app, self.max_bytes, self.metrics = app, max_bytes, metrics

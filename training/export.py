@@ -68,7 +68,7 @@ class ServingModule(nn.Module):
     @torch.jit.export
     def score(self, x: Tensor, eps: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         log_w, log_px_z, mu, logvar = self.vae.importance_weights(self.vae.quantize(x), eps)
-        rec = log_px_z.mean(dim=0)
+        rec = log_px_z.t().contiguous().mean(dim=1)  # per row over K, the same whatever the batch size
         kl = objectives.kl_standard_normal(mu, logvar)
         return objectives.iw_bound(log_w), rec - kl, rec, kl, log_w
 

@@ -11,10 +11,10 @@ from starlette.concurrency import run_in_threadpool
 from service import codecs, latent
 from service.deps import Deadline, Ready, client_gone, require_api_key
 from service.errors import RequestTooLarge
-from service.inputs import IMAGE_BODY, NPY, images_response, latents, read_images, read_json, wants_npy
+from service.inputs import IMAGE_BODY, NPY, images_response, json_body, latents, read_images, read_json, wants_npy
 from service.schemas import EncodeOut, ErrorResponse, ImagesOut, InterpolateIn, LatentsIn, SampleIn
 
-ERRORS = {code: {"model": ErrorResponse} for code in (401, 413, 415, 422, 503)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 500, 503)}
 IMAGES_OUT = {200: {"content": {NPY: {"schema": {"type": "string", "format": "binary"}}}}}
 
 router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)], responses=ERRORS)
@@ -39,7 +39,7 @@ async def encode(
     return JSONResponse(body)
 
 
-@router.post("/decode", response_model=ImagesOut, responses=IMAGES_OUT)
+@router.post("/decode", response_model=ImagesOut, responses=IMAGES_OUT, openapi_extra=json_body(LatentsIn))
 async def decode(request: Request, state: Ready, deadline: Deadline) -> Response:
     """Latent vectors -> images (base64 PNG in JSON, or float32 pixel means as npy)."""
     body = await read_json(request, LatentsIn)
@@ -48,7 +48,7 @@ async def decode(request: Request, state: Ready, deadline: Deadline) -> Response
     return await images_response(request, out["pixels"], z)
 
 
-@router.post("/sample", response_model=ImagesOut, responses=IMAGES_OUT)
+@router.post("/sample", response_model=ImagesOut, responses=IMAGES_OUT, openapi_extra=json_body(SampleIn))
 async def sample(request: Request, state: Ready, deadline: Deadline) -> Response:
     """Draw n images from the prior; the same seed gives the same z and the same bytes."""
     body = await read_json(request, SampleIn)
@@ -63,7 +63,7 @@ async def sample(request: Request, state: Ready, deadline: Deadline) -> Response
 @router.post("/interpolate", response_model=ImagesOut, responses=IMAGES_OUT, openapi_extra={
     "requestBody": {"required": True, "content": {
         **IMAGE_BODY["requestBody"]["content"],
-        "application/json": {"schema": {"$ref": "#/components/schemas/InterpolateIn"}},
+        "application/json": {"schema": InterpolateIn.model_json_schema()},
     }}})
 async def interpolate(
     request: Request, state: Ready, deadline: Deadline,

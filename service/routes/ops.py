@@ -10,9 +10,11 @@ from service.schemas import ModelOut, Status
 router = APIRouter(tags=["ops"])
 
 
-@router.get("/livez", response_model=Status)
-async def livez() -> JSONResponse:
-    """200 while the process serves HTTP at all."""
+@router.get("/livez", response_model=Status, responses={503: {"model": Status}})
+async def livez(state: State) -> JSONResponse:
+    """200 while the process serves HTTP; 503 if the model can never become ready (restart it)."""
+    if state.failed:
+        return JSONResponse({"status": state.failed}, status_code=503)
     return JSONResponse({"status": "alive"})
 
 

@@ -1,0 +1,84 @@
+"""A real ``python -m service`` process on 127.0.0.1 for the reliability tests: start, wait until ready, stop.
+
+Settings are passed the way an operator passes them, as ``VAE_*`` environment variables.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class LiveServer:
+    url: str
+    process: subprocess.Popen
+    log: Path
+
+    def rss_mib(self) -> float:
+        """Resident memory of the server process (VmRSS), in MiB."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+        raise RuntimeError(f"no VmRSS for pid {self.process.pid}")
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log_text()[-chars:]
+
+
+@contextmanager
+def live_server(artifact: Path, log_dir: Path, *, ready_timeout: float = 180.0, **settings) -> Iterator[LiveServer]:
+    """Serve ``artifact`` on a free loopback port with ``VAE_<NAME>=value`` for each setting; killed on exit
+    if the test has not stopped it itself."""
+    port = free_port()
+    log = log_dir / f"server-{port}.log"
+    env = {**os.environ, **{f"VAE_{name.upper()}": str(value) for name, value in settings.items()}}
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service", "--model", str(artifact), "--host", "127.0.0.1", "--port", str(port),
+             "--device", "cpu"],
+            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )
+    server = LiveServer(f"http://127.0.0.1:{port}", process, log)
+    try:
+        _wait_ready(server, ready_timeout)
+        yield server
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+
+
+def _wait_ready(server: LiveServer, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    with httpx.Client(base_url=server.url, timeout=5.0) as client:
+        while True:
+            if server.process.poll() is not None:
+                raise RuntimeError(f"server exited with {server.process.returncode}:\n{server.log_tail()}")
+            try:
+                if client.get("/readyz").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass  # not listening yet
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server not ready after {timeout} s:\n{server.log_tail()}")
+            time.sleep(0.1)

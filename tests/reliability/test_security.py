@@ -1,0 +1,133 @@
+"""Who gets in, and what leaks: the API key on every model endpoint, CORS off unless configured, no keys or
+request bodies in the logs, and a pinned artifact checksum that stops the CLI with a clear message."""
+
+import base64
+import hashlib
+import io
+import logging
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from pydantic import ValidationError
+
+from live_server import REPO
+from service.app import create_app
+from service.config import Settings
+
+KEY = "k3y-f0r-the-tests-7f2a9c"
+OPS = {"/livez", "/readyz", "/metrics", "/v1/model"}  # operational endpoints, open by design (deploy/README.md)
+
+
+def npy_body(n: int = 1) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros((n, 1, 8, 8), np.uint8), allow_pickle=False)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def keyed(digits_artifact):
+    settings = Settings(model_path=digits_artifact, device="cpu", api_key=KEY, max_batch_rows=16, buckets=[4, 16])
+    with TestClient(create_app(settings)) as client:
+        wait_ready(client)
+        yield client
+
+
+def wait_ready(client: TestClient, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while client.get("/readyz").status_code != 200:
+        assert time.monotonic() < deadline, "not ready"
+        time.sleep(0.02)
+
+
+def model_operations(client: TestClient):
+    """Every (method, path) in the OpenAPI document that is not an operational endpoint."""
+    spec = client.get("/openapi.json").json()
+    return [(method.upper(), path) for path, item in spec["paths"].items() for method in item if path not in OPS]
+
+
+@pytest.mark.parametrize("key", [None, "", "wrong", KEY[:-1], KEY + "x", KEY.upper(), b"\xff" * len(KEY)])
+def test_every_model_endpoint_needs_the_key(keyed, key):
+    operations = model_operations(keyed)
+    assert {path for _, path in operations} >= {"/encode", "/decode", "/sample", "/interpolate", "/anomaly-score"}
+    headers = {} if key is None else {"x-api-key": key}
+    for method, path in operations:
+        response = keyed.request(method, path, content=npy_body(),
+                                 headers={**headers, "content-type": "application/x-npy"})
+        assert response.status_code == 401, (method, path, response.text)
+        assert response.json()["error"]["code"] == "unauthorized" and KEY not in response.text
+        assert response.headers["www-authenticate"] == "ApiKey"
+
+
+def test_the_right_key_gets_in_and_ops_endpoints_need_none(keyed):
+    assert keyed.post("/encode", content=npy_body(), headers={"content-type": "application/x-npy",
+                                                              "x-api-key": KEY}).status_code == 200
+    assert keyed.post("/sample", json={"n": 1}, headers={"x-api-key": KEY}).status_code == 200
+    for path in OPS:
+        assert keyed.get(path).status_code == 200, path
+
+
+def test_an_empty_api_key_is_never_the_key(digits_artifact):
+    """VAE_API_KEY set but empty (an unset variable in a manifest) must not become a key that an empty X-API-Key
+    header matches: it is refused at start-up, or it means no key (config.py does the latter)."""
+    for empty in ("", "   "):
+        try:
+            settings = Settings(model_path=digits_artifact, api_key=empty)
+        except ValidationError:
+            continue
+        assert settings.api_key is None, repr(settings.api_key)
+
+
+def test_no_key_or_body_in_the_logs(digits_artifact, caplog):
+    secret_body = base64.b64encode(b"BODY-MARKER-" * 8).decode()
+    settings = Settings(model_path=digits_artifact, device="cpu", api_key=KEY, log_level="debug",
+                        max_batch_rows=16, buckets=[4, 16])
+    with caplog.at_level(logging.DEBUG), TestClient(create_app(settings)) as client:
+        wait_ready(client)
+        auth = {"x-api-key": KEY}
+        client.post("/encode", json={"images": [secret_body]}, headers=auth)  # 422, echoing nothing
+        client.post("/encode", json={"images": [secret_body]}, headers={"x-api-key": "WRONG-KEY-MARKER"})
+        client.post("/decode", content=b'{"z": [["BODY-MARKER"]]}',
+                    headers={**auth, "content-type": "application/json"})
+        client.post("/sample", json={"n": 1, "seed": 1, "note": "BODY-MARKER"}, headers=auth)
+        client.post("/encode", content=npy_body(), headers={**auth, "content-type": "application/x-npy"})
+    server = [r for r in caplog.records if r.name.split(".")[0] in {"service", "uvicorn", "fastapi", "starlette"}]
+    assert any(r.name.startswith("service") for r in server)  # the server's own log was captured
+    text = "\n".join(r.getMessage() + (str(r.exc_info[1]) if r.exc_info else "") for r in server)
+    for marker in (KEY, "WRONG-KEY-MARKER", "BODY-MARKER", secret_body[:16]):
+        assert marker not in text, marker
+
+
+def test_cors_is_off_unless_origins_are_configured(digits_artifact):
+    preflight = {"origin": "https://evil.example", "access-control-request-method": "POST"}
+    settings = Settings(model_path=digits_artifact, device="cpu", max_batch_rows=16, buckets=[4, 16])
+    with TestClient(create_app(settings)) as client:
+        response = client.options("/sample", headers=preflight)
+        assert "access-control-allow-origin" not in response.headers
+        response = client.get("/livez", headers={"origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in response.headers
+    allowed = Settings(model_path=digits_artifact, device="cpu", cors_origins=["https://app.example"],
+                       max_batch_rows=16, buckets=[4, 16])
+    with TestClient(create_app(allowed)) as client:
+        ok = client.options("/sample", headers={**preflight, "origin": "https://app.example"})
+        assert ok.headers.get("access-control-allow-origin") == "https://app.example"
+        evil = client.options("/sample", headers=preflight)
+        assert evil.headers.get("access-control-allow-origin") != "https://evil.example"
+
+
+def _serve(artifact, env):
+    return subprocess.run([sys.executable, "-m", "service", "--model", str(artifact), "--port", "0"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO,
+                          env={**__import__("os").environ, **env})
+
+
+def test_the_cli_refuses_an_artifact_that_is_not_the_pinned_one(digits_artifact):
+    wrong = _serve(digits_artifact, {"VAE_EXPECTED_SHA256": "0" * 64})
+    assert wrong.returncode == 2
+    assert "is not the pinned" in wrong.stderr and "Traceback" not in wrong.stderr
+    malformed = _serve(digits_artifact, {"VAE_EXPECTED_SHA256": "not-a-sha"})
+    assert malformed.returncode == 2 and "64 hex digits" in malformed.stderr
+    assert hashlib.sha256(digits_artifact.read_bytes()).hexdigest() != "0" * 64
