@@ -13,7 +13,7 @@ from service.config import Settings
 from service.errors import ModelNotReady, Unauthorized
 from service.metrics import Metrics
 from service.runtime import ModelRuntime
-from service.scoring import Calibration
+from service.scoring import Calibration, ScoreKinds
 
 
 @dataclass
@@ -23,6 +23,7 @@ class ServiceState:
     runtime: Optional[ModelRuntime] = None
     batcher: Optional[Batcher] = None
     calibration: Optional[Calibration] = None
+    score_kinds: Optional[ScoreKinds] = None  # the artifact's anomaly score kinds; built once from its metadata
     image_spec: Optional[ImageSpec] = None
     warm: bool = False
     failed: Optional[str] = None  # why the model can never become ready (e.g. warm-up crashed)

@@ -57,7 +57,11 @@ class ImagesOut(BaseModel):
 
 
 class AnomalyRow(BaseModel):
-    nll_nats: float = Field(description="Importance-weighted negative log-likelihood (the score; higher = stranger).")
+    score_nats: float = Field(description="The requested score kind (higher = stranger); p_value, percentile and "
+                                          "is_anomaly are about this number.")
+    complexity_bits: Optional[float] = Field(description="Compressed size of the input in bits, for the "
+                                                         "nll-minus-<compressor> kinds (score = nll - ln 2 * this).")
+    nll_nats: float = Field(description="Importance-weighted negative log-likelihood (the 'nll' score kind).")
     nll_bits_per_dim: float
     nll_se_nats: Optional[float] = Field(description="Monte Carlo standard error of nll_nats (delta method).")
     ess: float = Field(description="Effective sample size of the K importance weights.")
@@ -75,11 +79,13 @@ class CalibrationOut(BaseModel):
     k: Optional[int]
     alpha: float
     tail: Literal["upper", "two-sided"]
-    threshold_nats: Optional[float] = Field(description="Upper tail: is_anomaly exactly when nll_nats > this.")
+    threshold_nats: Optional[float] = Field(description="is_anomaly when score_nats > this (two-sided: at alpha / 2).")
+    threshold_low_nats: Optional[float] = Field(None, description="Two-sided only: also is_anomaly when score_nats "
+                                                                  "< this (an atypically likely input).")
 
 
 class AnomalyOut(BaseModel):
-    score: Literal["nll"]
+    score: str = Field(description="The score kind, one of the artifact's scoring.kinds (see /v1/model).")
     k: int
     scores: List[AnomalyRow]
     calibration: CalibrationOut

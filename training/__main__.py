@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from training import distributed, evaluate, export, trainer
+from training import distributed, evaluate, export, ood, trainer
 from training.data import Dataset, load_dataset, to_float
 from training.model import VAE, VAEConfig, num_parameters
 
@@ -64,7 +64,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     opt.add_argument("--resume", type=Path, default=None, metavar="CKPT", help="continue from this checkpoint")
     ev = p.add_argument_group("evaluation and output")
     ev.add_argument("--eval-k", type=_positive_int, default=1000, help="importance samples for the test NLL")
-    ev.add_argument("--score-k", type=_positive_int, default=32, help="importance samples per anomaly score (the service's K)")
+    ev.add_argument("--score-k", type=_positive_int, default=ood.DEFAULT_K,
+                    help="importance samples per anomaly score (the service's K; see docs/anomaly.md)")
     ev.add_argument("--out", type=Path, default=Path("runs/vae.ts"), help="artifact path")
     ev.add_argument("--no-report", action="store_true", help="skip report.json and the figures")
     ev.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
@@ -132,9 +133,13 @@ def run(args: argparse.Namespace, ctx: distributed.DistContext) -> Optional[Dict
         return None
 
     device = ctx.device
-    test_x, calib_x = to_float(test.images, eval_levels), to_float(calib.images, eval_levels)
+    test_x = to_float(test.images, eval_levels)
     metrics = evaluate.test_metrics(vae, test_x, device, k=args.eval_k, seed=args.seed)
-    calib_scores = evaluate.calibration_scores(vae, calib_x, device, k=args.score_k, noise_seed=NOISE_SEED)
+    # Every score kind of the calib split, computed as the service will: 8-bit images through ``score``.
+    scoring, calibration = ood.calibration_sections(
+        export.ServingModule(vae.eval()).score, ood.to_uint8(calib.images, eval_levels), k=args.score_k,
+        noise_seed=NOISE_SEED, latent_dim=vae.config.latent_dim, levels=vae.config.levels, device=device)
+    calib_scores = calibration["scores"]["nll"]
     last = result.history[-1] if result.history else {}
     meta = export.build_metadata(
         vae,
@@ -147,10 +152,8 @@ def run(args: argparse.Namespace, ctx: distributed.DistContext) -> Optional[Dict
                   "device": str(device), "world_size": ctx.world_size,
                   "final": {k: v for k, v in last.items() if k.startswith(("train_", "val_"))}},
         evaluation=metrics,
-        scoring={"k": args.score_k, "noise_seed": NOISE_SEED,
-                 "noise": "torch.randn((K, D), generator=torch.Generator('cpu').manual_seed(noise_seed)) on CPU, "
-                          "shared by every row"},
-        calibration={"split": "calib", "n": len(calib_scores), "k": args.score_k, "scores": {"nll": calib_scores}},
+        scoring=scoring,
+        calibration=calibration,
     )
     meta = export.export_artifact(vae, args.out, meta, check_x=test_x[:8])
     if not args.no_report:

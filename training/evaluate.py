@@ -6,7 +6,8 @@ discrete data); ``*_nll_nats`` and every ``*_bits_per_dim`` are negative log-lik
 """
 
 import math
-from typing import Dict, Iterator, List
+import sys
+from typing import Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -159,3 +160,20 @@ def anomaly_scores(vae: VAE, x: Tensor, device: torch.device, *, k: int, noise_s
 def calibration_scores(vae: VAE, x: Tensor, device: torch.device, *, k: int, noise_seed: int = 0) -> List[float]:
     """Sorted anomaly scores of the held-out calibration images (what p-values are computed against)."""
     return sorted(anomaly_scores(vae, x, device, k=k, noise_seed=noise_seed))
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m training.evaluate ood ...``: the out-of-distribution evaluation of ``training.ood``."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] != "ood":
+        print("usage: python -m training.evaluate ood --model M --normal SPEC (--ood SPEC | --holdout-class C)\n"
+              "       (the same as python -m training.ood evaluate ...; see python -m training.ood --help)",
+              file=sys.stderr)
+        return 2
+    from training import ood  # imports this module: load it only when asked
+
+    return ood.main(["evaluate", *argv[1:]])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,5 +1,7 @@
-"""/anomaly-score: importance-weighted NLL per image, calibrated into conformal p-values."""
+"""/anomaly-score: per image, a score of the requested kind calibrated into a conformal p-value, plus the
+importance-weighted NLL with its SE and ESS and the ELBO terms."""
 
+import asyncio
 from typing import Annotated, Literal, Optional
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -16,23 +18,39 @@ from service.schemas import AnomalyOut
 router = APIRouter(tags=["anomaly"], dependencies=[Depends(require_api_key)], responses=ERRORS)
 
 
+def score_kinds(state: Ready) -> scoring.ScoreKinds:
+    if state.score_kinds is None:  # once per artifact, unless the lifespan already built it
+        state.score_kinds = scoring.ScoreKinds.from_metadata(state.runtime.metadata)
+    return state.score_kinds
+
+
+Kinds = Annotated[scoring.ScoreKinds, Depends(score_kinds)]
+
+
 @router.post("/anomaly-score", response_model=AnomalyOut, openapi_extra=IMAGE_BODY)
 async def anomaly_score(
-    request: Request, state: Ready, deadline: Deadline,
+    request: Request, state: Ready, kinds: Kinds, deadline: Deadline,
     k: Annotated[Optional[int], Query(ge=1, description="Importance samples; default: the calibration's K.")] = None,
     alpha: Annotated[float, Query(gt=0.0, lt=1.0, description="Level: is_anomaly when p_value <= alpha.")] = 0.01,
     tail: Annotated[Literal["upper", "two-sided"], Query(description="two-sided also flags too-likely inputs.")] = "upper",
-    score: Annotated[Literal["nll"], Query(description="Score kind.")] = "nll",
+    score: Annotated[Optional[str], Query(description="Score kind: nll, or nll-minus-<compressor> (NLL corrected by "
+                                                      "input complexity); default: the artifact's scoring.default. "
+                                                      "/v1/model lists the kinds (metadata.scoring.kinds).")] = None,
 ) -> JSONResponse:
-    """Images -> per image: NLL (nats, bits/dim) with its SE and ESS, ELBO terms, p-value, is_anomaly."""
+    """Images -> per image: the score and its p-value / is_anomaly, NLL (nats, bits/dim) with SE and ESS, ELBO terms."""
+    kind = kinds.get(score)  # 422 naming the kinds on offer
     k = state.runtime.info.score_k if k is None else k
     if k > state.settings.max_k:
         raise RequestTooLarge(f"k={k} is over the limit of {state.settings.max_k}")
     images = await read_images(request, state.image_spec, state.settings.max_rows)
-    out = await state.batcher.submit("score", images, params=k, deadline=deadline, abandoned=client_gone(request))
+    scored = state.batcher.submit("score", images, params=k, deadline=deadline, abandoned=client_gone(request))
+    if kind.compressor is None:
+        out, bits = await scored, None
+    else:  # compress in the thread pool while the model works
+        out, bits = await asyncio.gather(scored, run_in_threadpool(kinds.complexity_bits, kind, images))
     rows = await run_in_threadpool(
-        scoring.score_rows, out, num_dims=state.runtime.info.num_dims, calibration=state.calibration,
-        alpha=alpha, tail=tail, k=k,
+        scoring.score_rows, out, num_dims=state.runtime.info.num_dims, calibration=kind.calibration,
+        alpha=alpha, tail=tail, k=k, complexity_bits=bits,
     )
-    summary = scoring.calibration_summary(state.calibration, alpha, tail, k)
-    return JSONResponse({"score": score, "k": k, "scores": rows, "calibration": summary})
+    summary = scoring.calibration_summary(kind.calibration, alpha, tail, k)
+    return JSONResponse({"score": kind.name, "k": k, "scores": rows, "calibration": summary})

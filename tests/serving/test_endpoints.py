@@ -189,7 +189,7 @@ def test_score_fields_are_consistent(client, digit_images):
         assert row["elbo_nats"] == pytest.approx(row["reconstruction_nats"] - row["kl_nats"], abs=1e-3)
         assert -row["elbo_nats"] >= row["nll_nats"] - 1e-3  # the IW bound is at least the ELBO
         assert 0 < row["p_value"] <= 1 and 1 <= row["ess"] <= 32
-        assert row["is_anomaly"] == (row["nll_nats"] > cal["threshold_nats"]) == (row["p_value"] <= 0.05)
+        assert row["is_anomaly"] == (row["score_nats"] > cal["threshold_nats"]) == (row["p_value"] <= 0.05)
     other_k = score(client, digit_images[:2], "k=64")
     assert other_k["k"] == 64 and other_k["calibration"]["calibrated"] is False
 

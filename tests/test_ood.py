@@ -1,0 +1,125 @@
+"""Score kinds and the OOD evaluation: training's and the service's compressors agree, the calibration in the
+artifact is what the artifact's own ``score`` reproduces, and the metrics and CLI report what they claim."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from service import complexity as service_complexity
+from training import complexity, ood
+from training.data import load_dataset
+from training.export import load_artifact
+from training.model import VAE, VAEConfig
+
+DATASETS = Path("/work/shared/datasets")
+
+
+def real_images() -> dict:
+    """8-bit images as a client sends them: sklearn digits always, MNIST / Fashion-MNIST when present."""
+    digits = load_dataset("digits", seed=0)
+    sets = {"digits": ood.to_uint8(digits.test.images[:100], digits.levels)}
+    for name in ("mnist", "fashion-mnist"):
+        if (DATASETS / name).is_dir():
+            sets[name] = load_dataset(f"idx:{DATASETS / name}", seed=0).test.images[:300]
+    rng = np.random.default_rng(0)
+    sets["rgb-noise"] = rng.integers(0, 256, size=(20, 3, 16, 12), dtype=np.uint8)
+    return sets
+
+
+@pytest.mark.parametrize("compressor", complexity.COMPRESSORS)
+def test_training_and_service_compress_real_images_to_the_same_bits(compressor):
+    for name, images in real_images().items():
+        for levels in (256, 17, 2):
+            ours = complexity.compressed_bits(images, compressor, levels)
+            theirs = service_complexity.compressed_bits(images, compressor, levels)
+            np.testing.assert_array_equal(ours, theirs, err_msg=f"{compressor} on {name} at {levels} levels")
+            assert (ours > 0).all() and (ours % 8 == 0).all()
+        assert service_complexity.supports(complexity.describe(compressor))
+    assert complexity.PARAMS == service_complexity.PARAMS
+
+
+def test_snap_is_what_the_model_scores():
+    u8 = np.arange(256, dtype=np.uint8).reshape(1, 1, 16, 16)
+    for likelihood, levels in (("logistic", 256), ("logistic", 17), ("bernoulli", 2)):
+        vae = VAE(VAEConfig(height=16, width=16, likelihood=likelihood, levels=levels))
+        expected = vae.quantize(torch.from_numpy(u8).float() / 255).mul(255).round().numpy()
+        np.testing.assert_array_equal(complexity.snap(u8, levels), expected)
+        np.testing.assert_array_equal(service_complexity.snap(u8, levels), expected)
+
+
+def test_simple_images_compress_smaller():
+    blank, noise = np.zeros((1, 1, 28, 28), np.uint8), np.random.default_rng(0).integers(0, 256, (1, 1, 28, 28))
+    for compressor in complexity.COMPRESSORS:
+        bits = complexity.compressed_bits(np.concatenate([blank, noise.astype(np.uint8)]), compressor)
+        assert bits[0] < 0.25 * bits[1], (compressor, bits)
+
+
+def test_kind_scores_subtract_the_code_length_in_nats():
+    images = real_images()["digits"][:10]
+    nll = np.linspace(50.0, 60.0, 10)
+    scores, bits = ood.kind_scores(nll, images, levels=17)
+    np.testing.assert_array_equal(scores["nll"], nll)
+    for c in complexity.COMPRESSORS:
+        np.testing.assert_allclose(scores[f"nll-minus-{c}"], nll - math.log(2) * bits[c])
+    assert ood.DEFAULT_KIND in ood.KINDS
+
+
+def test_detection_metrics_on_known_sets():
+    perfect = ood.detection_metrics(np.arange(100.0), np.arange(100.0, 200.0))
+    assert perfect == {"auroc": 1.0, "auprc": 1.0, "fpr_at_95_tpr": 0.0}
+    reversed_ = ood.detection_metrics(np.arange(100.0, 200.0), np.arange(100.0))
+    assert reversed_["auroc"] == 0.0 and reversed_["fpr_at_95_tpr"] == 1.0
+    rng = np.random.default_rng(0)  # OOD shifted by one sd: AUROC = Phi(1 / sqrt(2)) ~ 0.760
+    shifted = ood.detection_metrics(rng.normal(size=20000), rng.normal(1.0, size=20000))
+    assert shifted["auroc"] == pytest.approx(0.760, abs=0.01)
+    # FPR at 95% TPR: the normal mass above the OOD 5% quantile, 1 - Phi(1 - 1.645) ~ 0.741
+    assert shifted["fpr_at_95_tpr"] == pytest.approx(0.741, abs=0.015)
+
+
+def test_p_values_match_the_formula():
+    cal = np.array([1.0, 2.0, 2.0, 3.0, 5.0])
+    s = np.array([0.0, 2.0, 2.5, 6.0])
+    np.testing.assert_allclose(ood.conformal_p_values(cal, s), [(1 + 5) / 6, (1 + 4) / 6, (1 + 2) / 6, 1 / 6])
+    lower = np.array([1 / 6, (1 + 3) / 6, (1 + 3) / 6, 1.0])
+    np.testing.assert_allclose(ood.two_sided_p_values(cal, s),
+                               np.minimum(1, 2 * np.minimum(ood.conformal_p_values(cal, s), lower)))
+
+
+def test_artifact_holds_every_kind_calibrated_on_the_calib_split(digits_artifact, digits_dataset):
+    meta = load_artifact(digits_artifact)[1]
+    scoring, calib = meta["scoring"], meta["calibration"]
+    assert set(scoring["kinds"]) == set(ood.KINDS) == set(calib["scores"]) and scoring["default"] == ood.DEFAULT_KIND
+    assert calib["k"] == scoring["k"] and calib["n"] == len(digits_dataset.calib)
+    for kind, scores in calib["scores"].items():
+        assert len(scores) == calib["n"] and scores == sorted(scores), kind
+        spec = scoring["kinds"][kind]["complexity"]
+        assert (spec is None) == (kind == "nll") and scoring["kinds"][kind]["units"] == "nats"
+        if spec is not None:
+            assert spec["params"] == complexity.PARAMS[spec["name"]] and spec["library"]
+
+
+def test_calibrate_recomputes_the_same_scores_from_the_scripted_artifact(digits_artifact, tmp_path):
+    """Calibration at training time (eager model) == recalibration from the saved artifact (TorchScript)."""
+    out = tmp_path / "recalibrated.ts"
+    assert ood.main(["calibrate", "--model", str(digits_artifact), "--out", str(out)]) == 0
+    before, after = load_artifact(digits_artifact)[1], load_artifact(out)[1]
+    assert after["weights_sha256"] == before["weights_sha256"] and after["scoring"] == before["scoring"]
+    for kind, scores in before["calibration"]["scores"].items():
+        np.testing.assert_allclose(after["calibration"]["scores"][kind], scores, rtol=1e-5, atol=1e-3)
+
+
+def test_evaluate_command_reports_every_kind_and_baseline(digits_artifact, tmp_path, capsys):
+    out = tmp_path / "ood.json"
+    assert ood.main(["evaluate", "--model", str(digits_artifact), "--normal", "digits", "--holdout-class", "3",
+                     "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["kinds"]) == set(ood.KINDS) and set(result["baselines"]) == {"size-png", "size-zlib", "size-bz2"}
+    assert result["n_ood"] == int((load_dataset("digits").test.labels == 3).sum())
+    for row in result["kinds"].values():
+        assert 0 <= row["auroc"] <= 1 and 0 <= row["fpr_at_95_tpr"] <= 1 and 0 <= row["fpr_at_alpha_0.05"] <= 1
+    printed = capsys.readouterr().out
+    assert "AUROC" in printed and f"{ood.DEFAULT_KIND} (default)" in printed
