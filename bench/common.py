@@ -1,0 +1,133 @@
+"""What the competitor servers share: the artifact's metadata, input decoding and output shaping.
+
+The naive and LitServe servers do exactly what the service does to a request, written the way a user of
+those frameworks would: PNG -> uint8 in the model's mode and size -> float / 255, the artifact's own
+``encode`` / ``decode`` / ``score`` under ``torch.inference_mode()``, and the same JSON shape (orjson, like
+the service). Output shaping (anomaly rows, sample PNGs) reuses the service's pure functions so every server
+sends the same bytes. Importing this module does not import torch; the servers do, when they start.
+"""
+
+import io
+import json
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+import numpy as np
+import orjson
+from PIL import Image
+
+DEFAULT_SCORE_K = 32  # the service's default when the artifact does not say (service/runtime.py)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    channels: int
+    height: int
+    width: int
+    latent_dim: int
+    score_k: int
+    noise_seed: int
+
+    @property
+    def num_dims(self) -> int:
+        return self.channels * self.height * self.width
+
+
+def read_metadata(path: Path) -> Dict[str, Any]:
+    """metadata.json from inside the TorchScript zip, without loading the model (or torch)."""
+    with zipfile.ZipFile(path) as archive:
+        name = next((n for n in archive.namelist() if n.endswith("extra/metadata.json")), None)
+        if name is None:
+            raise ValueError(f"{path} has no embedded metadata.json")
+        return json.loads(archive.read(name))
+
+
+def model_shape(metadata: Dict[str, Any]) -> ModelShape:
+    image, scoring = metadata["model"]["image"], metadata.get("scoring", {})
+    return ModelShape(int(image["channels"]), int(image["height"]), int(image["width"]),
+                      int(metadata["model"]["latent_dim"]), int(scoring.get("k", DEFAULT_SCORE_K)),
+                      int(scoring.get("noise_seed", 0)))
+
+
+def decode_png(data: bytes, shape: ModelShape) -> np.ndarray:
+    """Image bytes -> uint8 (C, H, W) in the model's mode and size (bilinear resize, like the service)."""
+    img = Image.open(io.BytesIO(data)).convert("L" if shape.channels == 1 else "RGB")
+    if img.size != (shape.width, shape.height):
+        img = img.resize((shape.width, shape.height), Image.Resampling.BILINEAR)
+    pixels = np.asarray(img, dtype=np.uint8)
+    return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+
+
+def decode_npy(data: bytes, shape: ModelShape) -> np.ndarray:
+    """An .npy batch, uint8 (N, C, H, W) or (N, H, W) -> uint8 (N, C, H, W). No pickle."""
+    array = np.load(io.BytesIO(data), allow_pickle=False)
+    if array.ndim == 3:
+        array = array[:, None]
+    if array.shape[1:] != (shape.channels, shape.height, shape.width) or array.dtype != np.uint8:
+        raise ValueError(f"expected uint8 (N, {shape.channels}, {shape.height}, {shape.width}), got "
+                         f"{array.dtype} {array.shape}")
+    return array
+
+
+def load_model(path: Path, threads: int):
+    """torch.jit.load the artifact on CPU, in eval mode, with the bench's intra-op thread count."""
+    import warnings
+
+    import torch
+
+    torch.set_num_threads(threads)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module = torch.jit.load(str(path), map_location="cpu")
+    return module.eval()
+
+
+def score_noise(shape: ModelShape, k: int):
+    """The artifact contract's noise, (K, D): randn from a CPU generator seeded with scoring.noise_seed."""
+    import torch
+
+    gen = torch.Generator(device="cpu").manual_seed(shape.noise_seed)
+    return torch.randn((k, shape.latent_dim), generator=gen)
+
+
+def to_tensor(images: np.ndarray):
+    """uint8 (N, C, H, W) -> float32 in [0, 1]: the contract's 8-bit value / 255."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)
+
+
+def run_score(module, x, noise) -> Dict[str, np.ndarray]:
+    """The artifact's score(x, eps) with eps the fixed noise shared by every row, as the service calls it."""
+    k, d = noise.shape
+    iw, elbo, rec, kl, log_w = module.score(x, noise.unsqueeze(1).expand(k, x.shape[0], d))
+    return {"iw_ll": iw.numpy(), "elbo": elbo.numpy(), "rec": rec.numpy(), "kl": kl.numpy(),
+            "log_w": log_w.t().numpy()}
+
+
+def encode_body(mu: np.ndarray, logvar: np.ndarray) -> bytes:
+    return orjson.dumps({"mu": mu.tolist(), "logvar": logvar.tolist(), "z": None, "seed": None})
+
+
+def anomaly_body(outputs: Dict[str, np.ndarray], shape: ModelShape, calibration, k: int) -> bytes:
+    """The service's /anomaly-score JSON, built with its own pure functions (alpha 0.01, upper tail)."""
+    from service import scoring
+
+    rows = scoring.score_rows(outputs, num_dims=shape.num_dims, calibration=calibration, alpha=0.01,
+                              tail="upper", k=k)
+    summary = scoring.calibration_summary(calibration, 0.01, "upper", k)
+    return orjson.dumps({"score": "nll", "k": k, "scores": rows, "calibration": summary})
+
+
+def sample_body(pixels: np.ndarray, z: np.ndarray, seed: int) -> bytes:
+    """The service's /sample JSON: one base64 PNG per image, the latents and the seed."""
+    from service import codecs
+
+    images: List[str] = [codecs.encode_png_base64(im) for im in codecs.to_uint8(pixels)]
+    return orjson.dumps({"images": images, "z": z.tolist(), "seed": seed})
+
+
+def split_rows(array: np.ndarray, sizes: Sequence[int]) -> List[np.ndarray]:
+    return np.split(array, np.cumsum(sizes)[:-1])

@@ -1,0 +1,125 @@
+"""The issue's targets as ratios from one run, and the markdown report (tables for the README)."""
+
+import math
+import statistics
+from typing import Dict, List, Optional
+
+RSS_LIMIT_MB = 500.0
+COLD_START_LIMIT_S = 5.0
+SERVER_ORDER = ("ours", "naive", "litserve", "ceiling")
+
+
+def _get(results: Dict, workload: str, server: str, key: str) -> Optional[float]:
+    value = results["runs"].get(workload, {}).get(server, {}).get(key)
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return a / b if a is not None and b else None
+
+
+def _target(name: str, value: Optional[float], limit: float, higher_is_better: bool, unit: str = "") -> Dict:
+    ok = None if value is None else (value >= limit if higher_is_better else value <= limit)
+    return {"target": name, "value": value, "limit": limit, "op": ">=" if higher_is_better else "<=", "unit": unit,
+            "pass": ok}
+
+
+def targets(results: Dict) -> List[Dict]:
+    ours_c64 = _get(results, "encode_c64", "ours", "req_per_s")
+    out = [
+        _target("/encode c=64: ours / naive (req/s)", _ratio(ours_c64, _get(results, "encode_c64", "naive", "req_per_s")),
+                1.5, True, "x"),
+        _target("/encode c=64: ours / LitServe (req/s)",
+                _ratio(ours_c64, _get(results, "encode_c64", "litserve", "req_per_s")), 2.0, True, "x"),
+        _target("/encode c=64: ours / ceiling (req/s)",
+                _ratio(ours_c64, _get(results, "encode_c64", "ceiling", "req_per_s")), 0.85, True, "x"),
+        _target("/anomaly-score c=16: ours / naive (req/s)",
+                _ratio(_get(results, "anomaly_c16", "ours", "req_per_s"),
+                       _get(results, "anomaly_c16", "naive", "req_per_s")), 1.3, True, "x"),
+    ]
+    inproc = results.get("inprocess", {}).get("encode", {}).get("256", {}).get("images_per_s")
+    out.append(_target("256-image .npy: ours / in-process at batch 256 (images/s)",
+                       _ratio(_get(results, "npy256_c1", "ours", "images_per_s"), inproc), 0.8, True, "x"))
+    ours = results.get("ours", {})
+    half = ours.get("half_load", {})
+    p50 = _get(results, "encode_c1", "ours", "p50_ms")
+    delay = results["meta"]["batch_delay_ms"]
+    out.append(_target(f"p99 at half max throughput (ms) <= 2 x unloaded p50 + {delay:g} ms",
+                       half.get("p99_ms"), 2 * p50 + delay if p50 is not None else math.nan, False, "ms"))
+    cold = ours.get("cold_start_s") or []
+    out.append(_target("cold start to ready, median (s)", statistics.median(cold) if cold else None,
+                       COLD_START_LIMIT_S, False, "s"))
+    out.append(_target("resident memory after the load (MB)", ours.get("rss_after_load", {}).get("main_mb"),
+                       RSS_LIMIT_MB, False, "MB"))
+    gen = results.get("generator_check", {}).get("req_per_s")
+    out.append(_target("load generator: GET /constant rate / ours /encode c=64 rate", _ratio(gen, ours_c64),
+                       3.0, True, "x"))
+    return out
+
+
+def _f(value, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    return f"{value:,.{digits}f}"
+
+
+def markdown(results: Dict) -> str:
+    meta = results["meta"]
+    shape = meta["model_shape"]
+    lines = [
+        "## Benchmark results",
+        "",
+        f"Command: `{meta['command']}`  ",
+        f"Model: `{meta['model']}` ({shape['channels']}x{shape['height']}x{shape['width']}, latent "
+        f"{shape['latent_dim']}, score K={shape['score_k']}); inputs: 28x28 PNGs from `{meta['images']}`.  ",
+        f"Machine: {meta['cpus']} CPUs, {meta['platform']}, Python {meta['python']}, torch {meta['torch']}, "
+        f"{meta['torch_threads']} torch thread(s) in every server; generator: {meta['generator']}; "
+        f"{meta['duration_s']:g} s per measurement after {meta['warmup_s']:g} s of warm-up; "
+        f"1-min load average {meta['load_before'][0]:.2f} before, {meta['load_after'][0]:.2f} after.  ",
+        f"Batch delay (ours; LitServe's batch_timeout): {meta['batch_delay_ms']:g} ms.",
+        "",
+        "| Workload | Server | req/s | images/s | p50 ms | p95 ms | p99 ms | errors | mean batch |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for workload, by_server in results["runs"].items():
+        names = [s for s in SERVER_ORDER if s in by_server] + [s for s in by_server if s not in SERVER_ORDER]
+        for server in names:
+            r = by_server[server]
+            if not r.get("probe_ok"):
+                lines.append(f"| {workload} | {server} | probe failed ({r.get('probe_status')}) |||||||")
+                continue
+            lines.append(f"| {workload} | {server} | {_f(r['req_per_s'])} | {_f(r['images_per_s'], 0)} | "
+                         f"{_f(r['p50_ms'], 2)} | {_f(r['p95_ms'], 2)} | {_f(r['p99_ms'], 2)} | {r['error_count']} | "
+                         f"{_f(r.get('mean_batch'))} |")
+    lines += ["", "Workloads: " + "; ".join(f"`{k}`: {v}" for k, v in results.get("workloads", {}).items()) + ".",
+              "Servers: `ours` = `python -m service` (defaults); `naive` = FastAPI, one model call per request in the "
+              "thread pool; `litserve` = LitServe with max_batch_size 64; `ceiling` = the same FastAPI/uvicorn stack "
+              "parsing and decoding the same body, answering a constant of the same size.", ""]
+    lines += ["### Targets", "", "| Target | Value | Limit | Pass |", "|---|---:|---:|:---:|"]
+    for t in results.get("targets", []):
+        mark = {True: "PASS", False: "FAIL", None: "n/a"}[t["pass"]]
+        lines.append(f"| {t['target']} | {_f(t['value'], 2)} {t['unit']} | {t['op']} {_f(t['limit'], 2)} | {mark} |")
+    lines += ["", "### In-process model throughput (images/s, no HTTP)", ""]
+    inproc = results.get("inprocess", {})
+    batches = sorted({int(b) for k in inproc.values() for b in k}, key=int)
+    lines += ["| Kernel | " + " | ".join(f"batch {b}" for b in batches) + " |",
+              "|---|" + "---:|" * len(batches)]
+    for kernel, by_batch in inproc.items():
+        lines.append(f"| {kernel} | " + " | ".join(_f(by_batch.get(str(b), {}).get("images_per_s"), 0)
+                                                for b in batches) + " |")
+    ours = results.get("ours", {})
+    if ours:
+        rss = ours.get("rss_after_load", {})
+        half = ours.get("half_load", {})
+        lines += ["", "### Our service", "",
+                  f"- Start to ready (this run): {_f(ours.get('start_to_ready_s'), 2)} s; cold starts: "
+                  f"{', '.join(_f(t, 2) for t in ours.get('cold_start_s', []))} s.",
+                  f"- Resident memory after the load: {_f(rss.get('main_mb'))} MB.",
+                  f"- Open loop at {_f(half.get('offered_rate'))} req/s (half the c=64 rate): achieved "
+                  f"{_f(half.get('req_per_s'))} req/s, p50 {_f(half.get('p50_ms'), 2)} ms, "
+                  f"p99 {_f(half.get('p99_ms'), 2)} ms, errors {half.get('error_count', '–')}."]
+    gen = results.get("generator_check", {})
+    if gen:
+        lines.append(f"- Load generator check: GET /constant on the ceiling server at c=64: {_f(gen.get('req_per_s'), 0)}"
+                     " req/s.")
+    return "\n".join(lines) + "\n"
