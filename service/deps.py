@@ -35,17 +35,17 @@ class ServiceState:
         return self.warm and not self.draining and self.batcher is not None
 
 
-def get_state(request: Request) -> ServiceState:
+async def get_state(request: Request) -> ServiceState:
     return request.app.state.service
 
 
-def ready_state(state: Annotated[ServiceState, Depends(get_state)]) -> ServiceState:
+async def ready_state(state: Annotated[ServiceState, Depends(get_state)]) -> ServiceState:
     if not state.ready:
         raise ModelNotReady("the service is draining" if state.draining else "the model is still warming up")
     return state
 
 
-def require_api_key(
+async def require_api_key(
     state: Annotated[ServiceState, Depends(get_state)],
     x_api_key: Annotated[Optional[str], Header(description="Required when the server has an API key.")] = None,
 ) -> None:
@@ -58,7 +58,7 @@ def require_api_key(
         raise Unauthorized("missing or wrong X-API-Key")
 
 
-def request_deadline(
+async def request_deadline(
     state: Annotated[ServiceState, Depends(get_state)],
     x_request_timeout: Annotated[
         Optional[float], Header(gt=0, le=3600, description="Seconds this request may wait; capped by the server.")
