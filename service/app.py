@@ -20,8 +20,8 @@ from service.errors import install_handlers
 from service.metrics import Metrics
 from service.middleware import BodyLimit, InFlightLimit, RequestMetrics
 from service.routes import anomaly, inference, ops
-from service.runtime import KERNELS, ModelRuntime
-from service.scoring import Calibration
+from service.runtime import KERNELS, ModelRuntime, available_cpus, default_workers
+from service.scoring import Calibration, ScoreKinds
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,6 @@ def create_app(settings: Optional[Settings] = None, runtime: Optional[ModelRunti
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: ServiceState = app.state.service
     settings = state.settings
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
     if state.runtime is None:
         state.runtime = await run_in_threadpool(
             ModelRuntime, settings.model_path, device=settings.device, buckets=settings.buckets,
@@ -66,15 +64,22 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     info = runtime.info
     state.image_spec = ImageSpec(info.channels, info.height, info.width, max_pixels=settings.max_pixels)
     state.calibration = Calibration.from_metadata(runtime.metadata)
+    state.score_kinds = ScoreKinds.from_metadata(runtime.metadata)
     state.metrics.model_info.labels(info.version, info.sha256, str(runtime.device)).set(1)
 
     def run(kernel: str, rows: np.ndarray, params: Hashable):
         return runtime.score(rows, params) if kernel == "score" else getattr(runtime, kernel)(rows)
 
+    workers = settings.model_workers or default_workers(runtime.device)
+    threads = settings.torch_threads or (max(1, available_cpus() // workers) if runtime.device.type == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
     state.batcher = Batcher(
         run, kernels=KERNELS, max_rows=lambda kernel, params: runtime.max_rows(kernel, params or 0),
         max_delay_s=settings.batch_delay_ms / 1000.0, queue_limit=settings.queue_limit, metrics=state.metrics,
+        workers=workers,
     )
+    log.info("%d model worker(s), %d torch thread(s) each", workers, torch.get_num_threads())
     state.batcher.start()
     # Warm in the background: /livez answers at once, /readyz turns 200 when every bucket is warm.
     warm_task = asyncio.create_task(_warm_up(state))

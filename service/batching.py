@@ -6,8 +6,13 @@ Contract of ``Batcher.submit(kernel, rows, params, deadline)``: it returns a dic
 batch see it). Rows, not requests, are the unit: a request is split into pieces of at most the kernel's
 row limit, pieces of many requests are coalesced up to that limit or until ``max_delay_s`` has passed
 since the first row of the batch arrived, and rows with different ``params`` (e.g. the score's K) never
-share a call. Every model call runs on one worker thread (one per device), never on the event loop.
-After Ray Serve's ``_BatchQueue`` and MLServer's per-request futures.
+share a call. Model calls run on ``workers`` threads (one per CPU core on CPU, one per GPU), never on
+the event loop. A batch is formed when a worker is free: it takes every waiting row of its kernel up to the
+limit, so batches grow by themselves while the workers are busy and a lone request on an idle server is
+computed at once. ``max_delay_s`` > 0 additionally holds a batch open that long after its first row arrived
+(fewer, larger calls for a device whose call cost hardly depends on its size), but only while a worker is
+free: it never adds to the time a row already waited for one. After Ray Serve's ``_BatchQueue``, MLServer's
+per-request futures and Triton's instance groups.
 """
 
 import asyncio
@@ -18,7 +23,7 @@ import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Deque, Dict, Hashable, List, Optional, Sequence
+from typing import Awaitable, Callable, Deque, Dict, Hashable, List, Optional, Sequence, Set
 
 import numpy as np
 
@@ -70,11 +75,13 @@ class _Item:
 
 class Batcher:
     def __init__(self, run: RunFn, *, kernels: Sequence[str], max_rows: MaxRowsFn, max_delay_s: float,
-                 queue_limit: int, metrics: Metrics) -> None:
+                 queue_limit: int, metrics: Metrics, workers: int = 1) -> None:
         if max_delay_s < 0:
             raise ValueError(f"max_delay_s must be >= 0, got {max_delay_s}")
         if queue_limit < 1:
             raise ValueError(f"queue_limit must be >= 1, got {queue_limit}")
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
         self._run, self._max_rows, self._delay = run, max_rows, max_delay_s
         self.queue_limit = queue_limit
         self._metrics = metrics
@@ -82,8 +89,11 @@ class Batcher:
         self._wakeups: Dict[str, asyncio.Event] = {}
         self._waiting_rows: Dict[str, int] = {k: 0 for k in kernels}  # admitted, not yet started
         self._drain_rate: Dict[str, float] = {k: 0.0 for k in kernels}  # rows/s, moving average
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-worker")
+        self.workers = workers
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="model-worker")
+        self._free: Optional[asyncio.Semaphore] = None  # workers with no batch; created in start()
         self._tasks: List[asyncio.Task] = []
+        self._running: Set[asyncio.Task] = set()  # batches on a worker now
         self._stopped = False
         for k in kernels:
             metrics.queue_capacity.labels(k).set(queue_limit)
@@ -91,20 +101,21 @@ class Batcher:
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
+        self._free = asyncio.Semaphore(self.workers)
         for kernel in self._queues:
             self._wakeups[kernel] = asyncio.Event()
             self._tasks.append(asyncio.create_task(self._loop(kernel), name=f"batcher-{kernel}"))
 
     async def run_in_worker(self, fn: Callable, *args):
-        """Run ``fn`` on the model worker thread (warm-up uses it, so it never races a batch)."""
+        """Run ``fn`` on a model worker thread (warm-up uses it before any batch can run)."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def stop(self) -> None:
         """Refuse new work, fail what is still queued, stop the loops and the worker."""
         self._stopped = True
-        for task in self._tasks:
+        for task in (*self._tasks, *self._running):
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._running, return_exceptions=True)
         for kernel, queue in self._queues.items():
             while queue:
                 item = queue.popleft()
@@ -169,19 +180,38 @@ class Batcher:
 
     # -- the loop ------------------------------------------------------------------------------
     async def _loop(self, kernel: str) -> None:
+        queue, wakeup = self._queues[kernel], self._wakeups[kernel]
         while True:
-            batch = await self._next_batch(kernel)
-            if batch:
-                try:
-                    await self._execute(kernel, batch)
-                except Exception:  # one batch's failure never ends the loop
-                    log.exception("unexpected error in the %s batch loop", kernel)
+            while not queue:
+                wakeup.clear()
+                await wakeup.wait()
+            await self._free.acquire()  # rows keep arriving (and batching up) while every worker is busy
+            try:
+                batch = await self._next_batch(kernel)
+            except BaseException:
+                self._free.release()
+                raise
+            if not batch:  # every waiting row was withdrawn or expired
+                self._free.release()
+                continue
+            task = asyncio.create_task(self._execute_then_free(kernel, batch), name=f"batch-{kernel}")
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _execute_then_free(self, kernel: str, batch: List[_Item]) -> None:
+        try:
+            await self._execute(kernel, batch)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # one batch's failure never ends the service
+            log.exception("unexpected error in a %s batch", kernel)
+        finally:
+            self._free.release()
 
     async def _next_batch(self, kernel: str) -> List[_Item]:
         queue, wakeup = self._queues[kernel], self._wakeups[kernel]
-        while not queue:
-            wakeup.clear()
-            await wakeup.wait()
+        if not queue:
+            return []
         first = queue[0]
         limit = self._max_rows(kernel, first.params)
         close_at = first.enqueued + self._delay  # the delay starts at the first row, not at this call

@@ -23,16 +23,22 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     log_level: str = "info"
 
-    # Batching: rows from concurrent requests share one model call, up to max_batch_rows or until
-    # batch_delay_ms has passed since the first row arrived.
+    # Batching: rows from concurrent requests share one model call of at most max_batch_rows rows. A
+    # batch starts when a model worker is free, with every row waiting by then; batch_delay_ms > 0 holds
+    # it open that much longer for more rows, but only while a worker is idle.
     max_batch_rows: int = Field(64, ge=1, le=4096)
-    batch_delay_ms: float = Field(2.0, ge=0.0, le=1000.0)
-    # Model calls run on fixed batch shapes (each warmed at start-up); a batch is padded up to the
-    # smallest bucket that fits. The smallest is 4, not 1: on CPU a batch of one takes a different
-    # (matrix-vector) kernel whose last bits differ, and rows must not depend on their batch mates.
+    batch_delay_ms: float = Field(0.0, ge=0.0, le=1000.0)
+    # Threads running model calls side by side. Default: one per usable CPU core (cgroup quota aware,
+    # up to 8) on CPU, one on a GPU.
+    model_workers: Optional[int] = Field(None, ge=1, le=64)
+    # Batch shapes: on a GPU a batch is padded up to the smallest bucket that fits (each warmed at
+    # start-up); on CPU it runs at its exact size, padded only up to the smallest bucket. The smallest is
+    # 4, not 1: below 4 rows CPU matrix products take other kernels whose last bits differ, and rows must
+    # not depend on their batch mates.
     buckets: List[int] = Field(default_factory=lambda: [4, 16, 64])
-    # A score row costs K decodes; one score call holds at most this many decoded images.
-    max_score_decodes: int = Field(4096, ge=1)
+    # A score row costs K decodes; one score call holds at most this many decoded images (default:
+    # 128 on CPU, 4096 on a GPU).
+    max_score_decodes: Optional[int] = Field(None, ge=1)
     queue_limit: int = Field(2048, ge=1)  # rows waiting per kernel before new work gets 503
     max_in_flight: int = Field(512, ge=1)  # model requests being parsed or waiting; more get 503 at once
     request_timeout_s: float = Field(30.0, gt=0.0)  # default deadline; X-Request-Timeout may lower it
@@ -49,7 +55,8 @@ class Settings(BaseSettings):
     expected_sha256: Optional[str] = None  # refuse to start unless the artifact file has this sha256
     cors_origins: List[str] = Field(default_factory=list)  # CORS stays off unless origins are listed
     grace_period_s: float = Field(20.0, ge=0.0)  # SIGTERM: time for accepted requests to finish
-    torch_threads: Optional[int] = Field(None, ge=1)  # intra-op threads; default: torch's choice
+    # Intra-op threads per model call; default on CPU: usable cores / model_workers (at least 1).
+    torch_threads: Optional[int] = Field(None, ge=1)
 
     @field_validator("device")
     @classmethod

@@ -1,13 +1,16 @@
-"""The artifact on its device: loading, shape buckets, warm-up and the three kernels.
+"""The artifact on its device: loading, batch shapes, warm-up and the three kernels.
 
-Kernels take and return numpy arrays and run on the batcher's single worker thread, never on the event
-loop. Everything about the model comes from the artifact's metadata.json (DESIGN.md, artifact contract);
+Kernels take and return numpy arrays and run on the batcher's worker threads, never on the event loop; they
+are safe to call from several threads at once (TorchScript methods are; the noise cache has a lock). Everything about the model comes from the artifact's metadata.json (DESIGN.md, artifact contract);
 the VAE math itself is the artifact's exported ``encode`` / ``decode`` / ``score``.
 """
 
 import hashlib
 import json
 import logging
+import math
+import os
+import threading
 import time
 import warnings
 from collections import OrderedDict
@@ -25,6 +28,10 @@ SUPPORTED_FORMAT = 1
 METADATA_FILE = "metadata.json"
 DEFAULT_SCORE_K = 32
 KERNELS = ("encode", "decode", "score")
+# Decoded images per score call when not configured. On CPU a call's cost grows with its size (K=32 already
+# fills the caches: 4 rows per call score as fast per row as 64), so small calls keep rows from waiting on
+# each other; on a GPU one call should fill the device.
+SCORE_DECODES = {"cpu": 128, "cuda": 4096}
 
 
 class ArtifactError(RuntimeError):
@@ -56,6 +63,28 @@ def weights_sha256(module: torch.nn.Module) -> str:
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity mask, lowered by a cgroup CPU quota (a container's limit)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = None
+    try:  # cgroup v2
+        limit, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        quota = None if limit == "max" else int(limit) / int(period)
+    except (OSError, ValueError):
+        try:  # cgroup v1
+            limit = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+            period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+            quota = limit / period if limit > 0 and period > 0 else None
+        except (OSError, ValueError):
+            pass
+    return max(1, min(cpus, math.ceil(quota))) if quota else max(1, cpus)
+
+
+def default_workers(device: torch.device) -> int:
+    """Model worker threads: one per usable CPU core (up to 8) on CPU, one per GPU."""
+    return 1 if device.type == "cuda" else min(8, available_cpus())
 
 
 def resolve_device(name: str) -> torch.device:
@@ -119,10 +148,20 @@ class ModelInfo:
 
 
 class ModelRuntime:
-    """A loaded artifact bound to one device. Not thread-safe: one worker thread calls the kernels."""
+    """A loaded artifact bound to one device; its kernels may run on several threads at once.
+
+    Batch shapes. A call never holds more rows than the largest bucket, and a row's result never depends on
+    how many rows share its call (bit for bit). On a GPU every call is zero-padded up to the smallest
+    bucket that fits: few shapes, each warmed once. On CPU padding costs compute (17 rows padded to 64 cost
+    64 rows), so a call runs at its exact size, padded only up to the smallest size from which this model
+    gives identical rows on this machine: small batches take other matrix-product kernels whose last bits
+    differ (below 4 rows, typically). ``warm_up`` measures that size per kernel by running the same rows at
+    many batch sizes; a kernel whose rows differ at any probed size from the smallest bucket up is padded to
+    the buckets instead, as on a GPU.
+    """
 
     def __init__(self, path: Path, *, device: str = "auto", buckets: Sequence[int] = (4, 16, 64),
-                 max_score_decodes: int = 4096, expected_sha256: Optional[str] = None) -> None:
+                 max_score_decodes: Optional[int] = None, expected_sha256: Optional[str] = None) -> None:
         if not buckets or min(buckets) < 1:
             raise ValueError(f"buckets must be positive batch sizes, got {list(buckets)}")
         self.device = resolve_device(device)
@@ -139,22 +178,27 @@ class ModelRuntime:
             version=str(self.metadata.get("created", "unknown")), sha256=sha,
         )
         self.buckets = sorted(set(int(b) for b in buckets))
-        self.max_score_decodes = max_score_decodes
+        self.max_score_decodes = max_score_decodes or SCORE_DECODES.get(self.device.type, SCORE_DECODES["cuda"])
         self._noise: "OrderedDict[int, torch.Tensor]" = OrderedDict()
+        self._noise_lock = threading.Lock()
         self._pin = self.device.type == "cuda"
+        # Per kernel: None = pad every call up to a bucket; n = run at the exact size, at least n rows.
+        # Padding to buckets until warm_up has measured otherwise.
+        self.exact_from: Dict[str, Optional[int]] = {kernel: None for kernel in KERNELS}
 
     # -- kernels -------------------------------------------------------------------------------
     @torch.inference_mode()
     def encode(self, images: np.ndarray) -> Dict[str, np.ndarray]:
         """uint8 (N, C, H, W) -> mu, logvar (N, D) float32."""
-        parts = [self._split_on_oom(self.module.encode, x) for x in self._chunks(images, self.buckets)]
-        return self._collect(parts, ("mu", "logvar"), len(images))
+        chunks = self._chunks(images, self.buckets, self.exact_from["encode"])
+        return self._collect([self._split_on_oom(self.module.encode, x) for x in chunks], ("mu", "logvar"), len(images))
 
     @torch.inference_mode()
     def decode(self, z: np.ndarray) -> Dict[str, np.ndarray]:
         """float32 (N, D) -> pixel means (N, C, H, W) float32 in [0, 1]."""
-        parts = [self._split_on_oom(lambda t: (self.module.decode(t),), t) for t in self._chunks(z, self.buckets)]
-        return self._collect(parts, ("pixels",), len(z))
+        chunks = self._chunks(z, self.buckets, self.exact_from["decode"])
+        return self._collect([self._split_on_oom(lambda t: (self.module.decode(t),), t) for t in chunks],
+                             ("pixels",), len(z))
 
     @torch.inference_mode()
     def score(self, images: np.ndarray, k: int) -> Dict[str, np.ndarray]:
@@ -166,8 +210,12 @@ class ModelRuntime:
             iw, elbo, rec, kl, log_w = self.module.score(x, eps)
             return iw, elbo, rec, kl, log_w.t()  # log_w (K, B) -> (B, K): rows first, like the rest
 
-        parts = [self._split_on_oom(score, x) for x in self._chunks(images, self.score_buckets(k))]
-        return self._collect(parts, ("iw_ll", "elbo", "rec", "kl", "log_w"), len(images))
+        exact_from = self.exact_from["score"]
+        if exact_from is not None:  # the K decodes of a row are a batch of K: a few rows reach the safe size
+            exact_from = max(exact_from, math.ceil(self.buckets[0] / k))
+        chunks = self._chunks(images, self.score_buckets(k), exact_from)
+        return self._collect([self._split_on_oom(score, x) for x in chunks],
+                             ("iw_ll", "elbo", "rec", "kl", "log_w"), len(images))
 
     def score_buckets(self, k: int) -> List[int]:
         """Buckets for a score call: a row costs K decodes, so rows per call shrink as K grows."""
@@ -178,17 +226,50 @@ class ModelRuntime:
         return self.score_buckets(k)[-1] if kernel == "score" else self.buckets[-1]
 
     def warm_up(self, score_k: Optional[int] = None, rounds: int = 3) -> float:
-        """Run every kernel at every bucket so the profiling executor has specialised each shape."""
+        """Measure the exact-size batching (CPU), then run every kernel at its call sizes, ``rounds`` times,
+        so the profiling executor has specialised each shape before the first request."""
         started = time.perf_counter()
         c, h, w, d = self.info.channels, self.info.height, self.info.width, self.info.latent_dim
         k = score_k or self.info.score_k
+        if self.device.type == "cpu":
+            self._probe_exact_sizes(k)
         for _ in range(rounds):
             for b in self.buckets:
                 self.encode(np.zeros((b, c, h, w), np.uint8))
                 self.decode(np.zeros((b, d), np.float32))
-            for b in self.score_buckets(k):
+            # A lone score row may run unpadded (its K decodes are a batch already): warm that shape too.
+            for b in sorted(set(self.score_buckets(k)) | {1}):
                 self.score(np.zeros((b, c, h, w), np.uint8), k)
         return time.perf_counter() - started
+
+    def _probe_exact_sizes(self, k: int) -> None:
+        """Per kernel, the smallest batch size from which the same rows give the same bits at every probed
+        size up to the largest call; None (pad to buckets) when a size from the smallest bucket up differs."""
+        rng = np.random.default_rng(0)
+        c, h, w, d = self.info.channels, self.info.height, self.info.width, self.info.latent_dim
+        top = self.buckets[-1]
+        images = rng.integers(0, 256, size=(top, c, h, w), dtype=np.uint8)
+        latents = rng.standard_normal((top, d)).astype(np.float32)
+        calls = {
+            "encode": (lambda n: self.encode(images[:n])["mu"], top),
+            "decode": (lambda n: self.decode(latents[:n])["pixels"], top),
+            "score": (lambda n: self.score(images[:n], k)["log_w"], self.score_buckets(k)[-1]),
+        }
+        for kernel, (run, largest) in calls.items():
+            self.exact_from[kernel] = None
+            reference = run(largest)[:1]  # padded to a bucket: the established result
+            sizes = sorted({n for n in (1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 17, 24, 31, 32, 33, 48, 63, 64)
+                            if n < largest} | {max(1, largest - 1)})
+            self.exact_from[kernel] = 1
+            same = {n: np.array_equal(run(n)[:1], reference) for n in sizes}
+            differ = [n for n, ok in same.items() if not ok]
+            if any(n >= self.buckets[0] for n in differ):
+                self.exact_from[kernel] = None
+                log.warning("%s: rows differ at batch sizes %s; padding every call to %s", kernel, differ,
+                            self.buckets)
+            else:
+                self.exact_from[kernel] = max(differ) + 1 if differ else 1
+        log.info("exact-size batching from %s rows (None: padded to buckets %s)", self.exact_from, self.buckets)
 
     def gpu_memory(self) -> Dict[str, int]:
         if self.device.type != "cuda":
@@ -213,20 +294,28 @@ class ModelRuntime:
 
     def _noise_for(self, k: int) -> torch.Tensor:
         """The contract's noise: randn((K, D)) from a CPU generator seeded with scoring.noise_seed."""
-        if k not in self._noise:
-            gen = torch.Generator(device="cpu").manual_seed(self.info.noise_seed)
-            self._noise[k] = torch.randn((k, self.info.latent_dim), generator=gen).to(self.device)
-            while len(self._noise) > 8:  # K is request-settable: keep only a few noise tensors
-                self._noise.popitem(last=False)
-        self._noise.move_to_end(k)
-        return self._noise[k]
+        with self._noise_lock:
+            if k not in self._noise:
+                gen = torch.Generator(device="cpu").manual_seed(self.info.noise_seed)
+                self._noise[k] = torch.randn((k, self.info.latent_dim), generator=gen).to(self.device)
+                while len(self._noise) > 8:  # K is request-settable: keep only a few noise tensors
+                    self._noise.popitem(last=False)
+            self._noise.move_to_end(k)
+            return self._noise[k]
 
-    def _chunks(self, rows: np.ndarray, buckets: List[int]) -> Iterator[torch.Tensor]:
-        """Split rows into calls of at most the largest bucket, each zero-padded up to a bucket size."""
+    def _chunks(self, rows: np.ndarray, buckets: List[int], exact_from: Optional[int]) -> Iterator[torch.Tensor]:
+        """Split rows into calls of at most the largest bucket, each zero-padded up to a bucket size
+        (``exact_from`` None) or up to ``exact_from`` rows."""
         step = buckets[-1]
         for start in range(0, len(rows), step):
             chunk = rows[start:start + step]
-            size = next(b for b in buckets if b >= len(chunk))
+            if exact_from is None:
+                size = next(b for b in buckets if b >= len(chunk))
+            else:
+                size = max(len(chunk), exact_from)
+            if size == len(chunk):
+                yield self._to_device(np.ascontiguousarray(chunk))
+                continue
             padded = np.zeros((size,) + rows.shape[1:], dtype=rows.dtype)
             padded[: len(chunk)] = chunk
             yield self._to_device(padded)

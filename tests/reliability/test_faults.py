@@ -235,7 +235,8 @@ async def test_out_of_memory_splits_the_batch_and_gives_identical_results(digits
     rows = noise(16, seed=3)
     async with in_process(create_app(settings_for(digits_artifact))) as client:
         expected = await _responses(client, rows)
-    small = load(SmallDevice, digits_artifact, max_rows=4)
+    # 16 score rows of K=32 in one call (the CPU default holds 4), so every kernel has a 16-row call to split.
+    small = load(SmallDevice, digits_artifact, max_rows=4, max_score_decodes=16 * 32)
     async with in_process(create_app(settings_for(digits_artifact), runtime=small)) as client:
         small.module.calls.clear()  # forget the warm-up
         with caplog.at_level(logging.WARNING, logger="service.runtime"):
@@ -285,7 +286,8 @@ async def test_out_of_memory_on_one_row_fails_that_request_only(digits_artifact)
 
 async def test_expired_rows_are_dropped_before_compute_and_counted(digits_artifact):
     runtime = load(GatedRuntime, digits_artifact)
-    app = create_app(settings_for(digits_artifact, request_timeout_s=0.5), runtime=runtime)
+    # One model worker: while it holds the gated row, later rows can only wait in the queue.
+    app = create_app(settings_for(digits_artifact, request_timeout_s=0.5, model_workers=1), runtime=runtime)
     async with in_process(app) as client:
         for late, headers, rows in ((91, {"x-request-timeout": "0.2"}, 3), (92, {}, 2)):  # header, then default
             runtime.gate.clear()
@@ -332,7 +334,7 @@ def served(app) -> Iterator[str]:
 
 def test_rows_of_a_disconnected_client_are_dropped_and_counted(digits_artifact):
     runtime = load(GatedRuntime, digits_artifact)
-    app = create_app(settings_for(digits_artifact), runtime=runtime)
+    app = create_app(settings_for(digits_artifact, model_workers=1), runtime=runtime)  # see above
     gone, rows = 93, 3
     with served(app) as url, httpx.Client(base_url=url, timeout=60) as client:
         deadline = time.monotonic() + 60

@@ -1,6 +1,7 @@
 """The batcher's contract, on a fake kernel: coalescing, limits, deadlines, failures, cancellation."""
 
 import asyncio
+import threading
 import time
 
 import numpy as np
@@ -27,9 +28,9 @@ class Kernel:
         return {"y": rows * 2, "k": np.full(len(rows), params or 0)}
 
 
-def make(kernel, *, max_rows=8, delay=0.05, queue_limit=1000):
+def make(kernel, *, max_rows=8, delay=0.05, queue_limit=1000, workers=1):
     return Batcher(kernel, kernels=("k",), max_rows=lambda kernel, params: max_rows, max_delay_s=delay,
-                   queue_limit=queue_limit, metrics=Metrics())
+                   queue_limit=queue_limit, metrics=Metrics(), workers=workers)
 
 
 async def started(batcher):
@@ -79,6 +80,45 @@ async def test_delay_starts_at_the_first_row():
         waited = time.monotonic() - start
         assert 0.25 <= waited < 2.0, waited  # a lone row waits out the delay, then runs
     finally:
+        await batcher.stop()
+
+
+async def test_rows_arriving_while_the_worker_is_busy_form_the_next_batch():
+    kernel = Kernel(delay=0.2)
+    batcher = await started(make(kernel, max_rows=8, delay=0.0))
+    try:
+        start = time.monotonic()
+        first = asyncio.create_task(batcher.submit("k", np.ones(1)))
+        await asyncio.sleep(0.05)  # the lone row went to the idle worker at once, no delay
+        assert [n for _, n, _ in kernel.calls] == [1]
+        rest = [asyncio.create_task(batcher.submit("k", np.full(1, float(i)))) for i in range(5)]
+        await asyncio.gather(first, *rest)
+        assert [n for _, n, _ in kernel.calls] == [1, 5]  # the five queued behind the busy worker share a call
+        assert time.monotonic() - start < 1.0
+    finally:
+        await batcher.stop()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_workers_run_batches_side_by_side(workers):
+    """Two batches that can only finish together (a two-party barrier): one worker times out, two do not."""
+    barrier = threading.Barrier(2, timeout=0.5)
+
+    def kernel(name, rows, params):
+        barrier.wait()
+        return {"y": rows * 2}
+
+    batcher = await started(Batcher(kernel, kernels=("k",), max_rows=lambda k, p: 8, max_delay_s=0.0,
+                                    queue_limit=100, metrics=Metrics(), workers=workers))
+    try:
+        results = await asyncio.gather(batcher.submit("k", np.ones(2), params="a"),
+                                       batcher.submit("k", np.ones(3), params="b"), return_exceptions=True)
+        if workers == 2:
+            assert [r["y"].tolist() for r in results] == [[2.0, 2.0], [2.0, 2.0, 2.0]]
+        else:
+            assert all(isinstance(r, BatchFailed) for r in results)  # run one after the other, each broke the barrier
+    finally:
+        barrier.abort()
         await batcher.stop()
 
 
@@ -159,3 +199,6 @@ def test_rejects_bad_arguments():
         Batcher(Kernel(), kernels=("k",), max_rows=lambda k, p: 1, max_delay_s=-1, queue_limit=1, metrics=Metrics())
     with pytest.raises(ValueError, match="queue_limit"):
         Batcher(Kernel(), kernels=("k",), max_rows=lambda k, p: 1, max_delay_s=0, queue_limit=0, metrics=Metrics())
+    with pytest.raises(ValueError, match="workers"):
+        Batcher(Kernel(), kernels=("k",), max_rows=lambda k, p: 1, max_delay_s=0, queue_limit=1, metrics=Metrics(),
+                workers=0)
