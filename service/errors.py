@@ -37,6 +37,12 @@ class RequestTooLarge(InvalidInput):
     code = "too_large"
 
 
+class MalformedBody(InvalidInput):
+    """The body's framing is broken (e.g. multipart without a boundary), before any content is looked at."""
+
+    code = "bad_request"
+
+
 def error_response(status: int, code: str, message: str, headers: dict = None, error_id: str = None) -> JSONResponse:
     body = {"code": code, "message": message}
     if error_id:
@@ -44,7 +50,7 @@ def error_response(status: int, code: str, message: str, headers: dict = None, e
     return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
-_STATUS = {UnsupportedMediaType: 415, RequestTooLarge: 413}
+_STATUS = {UnsupportedMediaType: 415, RequestTooLarge: 413, MalformedBody: 400}
 
 
 def install_handlers(app: FastAPI) -> None:

@@ -2,25 +2,33 @@
 
 Image bodies come in three forms, chosen by Content-Type: ``multipart/form-data`` (one or more file parts),
 ``application/json`` (``{"images": [base64, ...]}``) or ``application/x-npy`` (one uint8/float batch).
-Decoding runs in the thread pool, never on the event loop.
+A small body (up to ``INLINE_BYTES``: one or a few small images) is parsed and decoded right on the event
+loop, where a 28x28 PNG takes about 25 us, less than a hop to the thread pool and back; a larger one is
+parsed and decoded in the thread pool, so a big upload never stalls other requests.
+
+Multipart bodies are split with python-multipart's parser directly: the whole body is in memory already
+(``BodyLimit`` bounds it), and Starlette's form machinery (a spooled temporary file per part) costs about
+three times as much per small image.
 """
 
-from typing import List, Type, TypeVar
+from typing import Callable, Dict, List, Type, TypeVar
 
 import numpy as np
 import orjson
 from fastapi import Request, Response
-from service.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
 
 from service import codecs
-from service.errors import RequestTooLarge, UnsupportedMediaType
+from service.errors import MalformedBody, RequestTooLarge, UnsupportedMediaType
+from service.responses import JSONResponse
 from service.schemas import ImagesIn
 
 NPY = "application/x-npy"
 NPY_TYPES = (NPY, "application/octet-stream")
+INLINE_BYTES = 16 * 1024
 M = TypeVar("M", bound=BaseModel)
 
 # OpenAPI description of an image body, shared by every endpoint that takes images.
@@ -73,24 +81,91 @@ async def read_images(request: Request, spec: codecs.ImageSpec, max_rows: int) -
     """Any accepted image body -> uint8 (N, C, H, W) in the model's mode and size."""
     kind = media_type(request)
     if kind == "multipart/form-data":
-        async with request.form(max_files=max_rows + 1, max_fields=max_rows + 1) as form:
-            files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
-            _check_rows(len(files), max_rows)
-            if not files:
-                raise codecs.InvalidImage("multipart body has no file part")
-            blobs: List[bytes] = [await f.read() for f in files]
-        return await run_in_threadpool(codecs.decode_images, blobs, spec)
+        body = await request.body()
+        content_type = request.headers["content-type"]
+        return await _decode(len(body), _multipart_images, body, content_type, spec, max_rows)
     if kind == "application/json":
         payload = await read_json(request, ImagesIn)
         _check_rows(len(payload.images), max_rows)
-        return await run_in_threadpool(codecs.decode_base64_images, payload.images, spec)
+        size = sum(len(item) for item in payload.images)
+        return await _decode(size, codecs.decode_base64_images, payload.images, spec)
     if kind in NPY_TYPES:
-        images = await run_in_threadpool(codecs.decode_npy, await request.body(), spec)
+        body = await request.body()
+        images = await _decode(len(body), codecs.decode_npy, body, spec)
         _check_rows(len(images), max_rows)
         return images
     raise UnsupportedMediaType(
         f"send images as multipart/form-data, application/json or {NPY}, not {kind or 'no Content-Type'}"
     )
+
+
+async def _decode(size: int, fn: Callable, *args):
+    """``fn(*args)`` on the event loop for a small body, in the thread pool for a large one."""
+    if size <= INLINE_BYTES:
+        return fn(*args)
+    return await run_in_threadpool(fn, *args)
+
+
+def _multipart_images(body: bytes, content_type: str, spec: codecs.ImageSpec, max_rows: int) -> np.ndarray:
+    files = multipart_files(body, content_type, max_parts=max_rows + 1)
+    _check_rows(len(files), max_rows)
+    if not files:
+        raise codecs.InvalidImage("multipart body has no file part")
+    return codecs.decode_images(files, spec)
+
+
+def multipart_files(body: bytes, content_type: str, max_parts: int) -> List[bytes]:
+    """The file parts (those whose Content-Disposition names a filename) of a multipart/form-data body, in
+    order. More than ``max_parts`` parts of any kind: ``RequestTooLarge``, raised as soon as one too many
+    begins. Framing errors (no boundary, a broken part header): ``MalformedBody``."""
+    boundary = parse_options_header(content_type)[1].get(b"boundary")
+    if not boundary:
+        raise MalformedBody("multipart/form-data without a boundary in its Content-Type")
+    files: List[bytes] = []
+    parts = 0
+    headers: Dict[bytes, bytes] = {}
+    name = value = b""
+    chunks: List[bytes] = []
+
+    def on_part_begin() -> None:
+        nonlocal parts, name, value
+        parts += 1
+        if parts > max_parts:
+            raise RequestTooLarge(f"more than {max_parts} parts in one multipart body")
+        headers.clear()
+        chunks.clear()
+        name = value = b""
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        nonlocal name
+        name += data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        nonlocal value
+        value += data[start:end]
+
+    def on_header_end() -> None:
+        nonlocal name, value
+        headers[name.lower()] = value
+        name = value = b""
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        chunks.append(data[start:end])
+
+    def on_part_end() -> None:
+        if b"filename" in parse_options_header(headers.get(b"content-disposition", b""))[1]:
+            files.append(b"".join(chunks))
+
+    parser = MultipartParser(boundary, {
+        "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
+        "on_header_end": on_header_end, "on_part_data": on_part_data, "on_part_end": on_part_end,
+    })
+    try:
+        parser.write(body)
+        parser.finalize()
+    except MultipartParseError as exc:
+        raise MalformedBody(f"malformed multipart body: {exc}") from exc
+    return files
 
 
 def latents(z: List[List[float]], dim: int, max_rows: int) -> np.ndarray:
