@@ -4,32 +4,23 @@ importance-weighted NLL with its SE and ESS and the ELBO terms."""
 import asyncio
 from typing import Annotated, Literal, Optional
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 from service.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from service import scoring
-from service.deps import Deadline, Ready, client_gone, require_api_key
+from service.deps import CALL_HEADERS, Model, client_gone
 from service.errors import RequestTooLarge
 from service.inputs import IMAGE_BODY, read_images
 from service.routes.inference import ERRORS
 from service.schemas import AnomalyOut
 
-router = APIRouter(tags=["anomaly"], dependencies=[Depends(require_api_key)], responses=ERRORS)
+router = APIRouter(tags=["anomaly"], responses=ERRORS)
 
 
-def score_kinds(state: Ready) -> scoring.ScoreKinds:
-    if state.score_kinds is None:  # once per artifact, unless the lifespan already built it
-        state.score_kinds = scoring.ScoreKinds.from_metadata(state.runtime.metadata)
-    return state.score_kinds
-
-
-Kinds = Annotated[scoring.ScoreKinds, Depends(score_kinds)]
-
-
-@router.post("/anomaly-score", response_model=AnomalyOut, openapi_extra=IMAGE_BODY)
+@router.post("/anomaly-score", response_model=AnomalyOut, openapi_extra=IMAGE_BODY | CALL_HEADERS)
 async def anomaly_score(
-    request: Request, state: Ready, kinds: Kinds, deadline: Deadline,
+    request: Request, call: Model,
     k: Annotated[Optional[int], Query(ge=1, description="Importance samples; default: the calibration's K.")] = None,
     alpha: Annotated[float, Query(gt=0.0, lt=1.0, description="Level: is_anomaly when p_value <= alpha.")] = 0.01,
     tail: Annotated[Literal["upper", "two-sided"], Query(description="two-sided also flags too-likely inputs.")] = "upper",
@@ -38,6 +29,7 @@ async def anomaly_score(
                                                       "/v1/model lists the kinds (metadata.scoring.kinds).")] = None,
 ) -> JSONResponse:
     """Images -> per image: the score and its p-value / is_anomaly, NLL (nats, bits/dim) with SE and ESS, ELBO terms."""
+    state, deadline, kinds = call.state, call.deadline, call.state.score_kinds
     kind = kinds.get(score)  # 422 naming the kinds on offer
     k = state.runtime.info.score_k if k is None else k
     if k > state.settings.max_k:

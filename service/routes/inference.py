@@ -4,12 +4,12 @@ import secrets
 from typing import Annotated, Literal, Optional
 
 import numpy as np
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from service.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from service import codecs, latent
-from service.deps import Deadline, Ready, client_gone, require_api_key
+from service.deps import CALL_HEADERS, Model, client_gone
 from service.errors import RequestTooLarge
 from service.inputs import IMAGE_BODY, NPY, images_response, json_body, latents, read_images, read_json, wants_npy
 from service.schemas import EncodeOut, ErrorResponse, ImagesOut, InterpolateIn, LatentsIn, SampleIn
@@ -17,17 +17,18 @@ from service.schemas import EncodeOut, ErrorResponse, ImagesOut, InterpolateIn, 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 500, 503)}
 IMAGES_OUT = {200: {"content": {NPY: {"schema": {"type": "string", "format": "binary"}}}}}
 
-router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)], responses=ERRORS)
+router = APIRouter(tags=["inference"], responses=ERRORS)
 
 
-@router.post("/encode", response_model=EncodeOut, openapi_extra=IMAGE_BODY,
+@router.post("/encode", response_model=EncodeOut, openapi_extra=IMAGE_BODY | CALL_HEADERS,
              responses={200: {"content": {NPY: {"schema": {"type": "string", "format": "binary"}}}}})
 async def encode(
-    request: Request, state: Ready, deadline: Deadline,
+    request: Request, call: Model,
     sample: Annotated[bool, Query(description="Also return z = mu + sigma * eps drawn with `seed`.")] = False,
     seed: Annotated[Optional[int], Query(ge=0, le=2**63 - 1)] = None,
 ) -> Response:
     """Images -> posterior mean and log-variance per image (npy: (N, 2, D) stacked mu, logvar)."""
+    state, deadline = call.state, call.deadline
     images = await read_images(request, state.image_spec, state.settings.max_rows)
     out = await state.batcher.submit("encode", images, deadline=deadline, abandoned=client_gone(request))
     if wants_npy(request):
@@ -39,18 +40,20 @@ async def encode(
     return JSONResponse(body)
 
 
-@router.post("/decode", response_model=ImagesOut, responses=IMAGES_OUT, openapi_extra=json_body(LatentsIn))
-async def decode(request: Request, state: Ready, deadline: Deadline) -> Response:
+@router.post("/decode", response_model=ImagesOut, responses=IMAGES_OUT, openapi_extra=json_body(LatentsIn) | CALL_HEADERS)
+async def decode(request: Request, call: Model) -> Response:
     """Latent vectors -> images (base64 PNG in JSON, or float32 pixel means as npy)."""
+    state, deadline = call.state, call.deadline
     body = await read_json(request, LatentsIn)
     z = latents(body.z, state.runtime.info.latent_dim, state.settings.max_rows)
     out = await state.batcher.submit("decode", z, deadline=deadline, abandoned=client_gone(request))
     return await images_response(request, out["pixels"], z)
 
 
-@router.post("/sample", response_model=ImagesOut, responses=IMAGES_OUT, openapi_extra=json_body(SampleIn))
-async def sample(request: Request, state: Ready, deadline: Deadline) -> Response:
+@router.post("/sample", response_model=ImagesOut, responses=IMAGES_OUT, openapi_extra=json_body(SampleIn) | CALL_HEADERS)
+async def sample(request: Request, call: Model) -> Response:
     """Draw n images from the prior; the same seed gives the same z and the same bytes."""
+    state, deadline = call.state, call.deadline
     body = await read_json(request, SampleIn)
     if body.n > state.settings.max_n:
         raise RequestTooLarge(f"n={body.n} is over the limit of {state.settings.max_n}")
@@ -64,13 +67,14 @@ async def sample(request: Request, state: Ready, deadline: Deadline) -> Response
     "requestBody": {"required": True, "content": {
         **IMAGE_BODY["requestBody"]["content"],
         "application/json": {"schema": InterpolateIn.model_json_schema()},
-    }}})
+    }}, **CALL_HEADERS})
 async def interpolate(
-    request: Request, state: Ready, deadline: Deadline,
+    request: Request, call: Model,
     steps: Annotated[int, Query(ge=2, description="Frames including both ends.")] = 8,
     method: Annotated[Literal["linear", "slerp"], Query()] = "slerp",
 ) -> Response:
     """Frames between two images (their posterior means) or two latents; the ends decode mu_a and mu_b."""
+    state, deadline = call.state, call.deadline
     if steps > state.settings.max_steps:
         raise RequestTooLarge(f"steps={steps} is over the limit of {state.settings.max_steps}")
     ends = await _end_latents(request, state, deadline)
