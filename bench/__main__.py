@@ -38,7 +38,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--cold-starts", type=int, default=3, help="cold starts of our service to time (0: skip)")
     parser.add_argument("--cold-start-model", type=Path, help="artifact for the cold starts (default: --model)")
     parser.add_argument("--profile", type=float, default=0.0, help="seconds of py-spy on ours at /encode c=64")
-    parser.add_argument("--batch-delay-ms", type=float, default=2.0, help="ours (VAE_BATCH_DELAY_MS) and LitServe")
+    parser.add_argument("--batch-delay-ms", type=float, default=0.0,
+                        help="ours (VAE_BATCH_DELAY_MS) and LitServe's batch_timeout; 0 is both servers' default")
+    parser.add_argument("--lit-workers", type=int, default=1, help="LitServe's workers_per_device (processes)")
     parser.add_argument("--lit-fast-queue", action="store_true", help="LitServe's ZeroMQ transport")
     parser.add_argument("--rounds", type=int, default=1, help="measure every server this many times, alternating; "
                         "report the best round (the least disturbed)")
@@ -78,7 +80,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         workloads=args.workloads, open_loop_s=args.open_loop, cold_starts=args.cold_starts,
         cold_start_model=args.cold_start_model.resolve() if args.cold_start_model else None,
         profile_s=args.profile, lit_fast_queue=args.lit_fast_queue, batch_delay_ms=args.batch_delay_ms,
-        rounds=args.rounds, variants=variants,
+        lit_workers=args.lit_workers, rounds=args.rounds, variants=variants,
     )
     results = runner.run(opts)
     print((args.out / "results.md").read_text())

@@ -76,7 +76,8 @@ def markdown(results: Dict) -> str:
         f"{meta['torch_threads']} torch thread(s) in every server; generator: {meta['generator']}; "
         f"{meta['duration_s']:g} s per measurement after {meta['warmup_s']:g} s of warm-up; "
         f"1-min load average {meta['load_before'][0]:.2f} before, {meta['load_after'][0]:.2f} after.  ",
-        f"Batch delay (ours; LitServe's batch_timeout): {meta['batch_delay_ms']:g} ms.",
+        f"Batch delay (ours; LitServe's batch_timeout): {meta['batch_delay_ms']:g} ms; "
+        f"LitServe workers_per_device: {meta.get('lit_workers', 1)}; ours: one model worker per CPU.",
         "",
         "| Workload | Server | req/s | images/s | p50 ms | p95 ms | p99 ms | errors | mean batch |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",

@@ -40,7 +40,8 @@ class Options:
     cold_start_model: Optional[Path] = None
     profile_s: float = 0.0
     lit_fast_queue: bool = False
-    batch_delay_ms: float = 2.0  # the service's default, passed explicitly so the report can quote it
+    batch_delay_ms: float = 0.0  # the service's default, passed explicitly so the report can quote it
+    lit_workers: int = 1  # LitServe's workers_per_device
     inprocess_s: float = 1.0
     rounds: int = 1  # every server is measured this many times, alternating; the best round is reported
     variants: Dict[str, Path] = field(default_factory=dict)  # label -> another checkout of the service
@@ -131,8 +132,11 @@ def _server(name: str, kernel: Optional[str], opts: Options, shape, model: Optio
         args = ["-m", "bench.servers.ceiling", "--model", str(model), "--port", str(port)]
     elif name == "litserve":
         stats = opts.out / "logs" / f"litserve-{kernel}.stats.json"
+        for old in stats.parent.glob(stats.name + ".*"):  # an earlier round's workers
+            old.unlink()
         args = ["-m", "bench.servers.lit", "--model", str(model), "--port", str(port), "--api", kernel,
-                "--threads", threads, "--stats", str(stats), "--batch-timeout-ms", str(opts.batch_delay_ms)]
+                "--threads", threads, "--stats", str(stats), "--batch-timeout-ms", str(opts.batch_delay_ms),
+                "--workers", str(opts.lit_workers)]
         if opts.lit_fast_queue:
             args.append("--fast-queue")
     else:
@@ -175,8 +179,12 @@ def _batches(server: ServerProcess, name: str, w: Workload, opts: Options):
         return batch_stats(server.metrics()).get(w.kernel, (0.0, 0.0))
     if name == "litserve":
         time.sleep(0.5)  # the worker writes its counts every 0.2 s
-        stats = read_json(opts.out / "logs" / f"litserve-{w.kernel}.stats.json")
-        return (float(stats.get("rows", 0)), float(stats.get("batches", 0))) if stats else None
+        base = f"litserve-{w.kernel}.stats.json"
+        stats = [read_json(f) for f in (opts.out / "logs").glob(base + ".*") if not f.name.endswith(".tmp")]
+        stats = [s for s in stats if s]
+        if not stats:
+            return None
+        return float(sum(s.get("rows", 0) for s in stats)), float(sum(s.get("batches", 0) for s in stats))
     return None
 
 
@@ -241,7 +249,7 @@ def _meta(opts: Options, shape) -> Dict:
         "command": " ".join([Path(sys.executable).name, "-m", "bench", *sys.argv[1:]]),
         "model": str(opts.model), "model_shape": shape.__dict__, "images": opts.images,
         "torch_threads": opts.threads, "duration_s": opts.duration_s, "warmup_s": opts.warmup_s,
-        "batch_delay_ms": opts.batch_delay_ms, "max_requests": opts.max_requests,
+        "batch_delay_ms": opts.batch_delay_ms, "lit_workers": opts.lit_workers, "max_requests": opts.max_requests,
         "generator": "wrk" if loadgen.have_wrk() else "aiohttp", "cpus": os.cpu_count(),
         "platform": platform.platform(), "python": platform.python_version(), "torch": version("torch"),
         "load_before": os.getloadavg(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -5,7 +5,7 @@ list of them (``max_batch_size``, ``batch_timeout``), ``encode_response`` shapes
 several images (the .npy workload), so ``batch`` keeps the list and ``predict`` concatenates and splits.
 LitServe parses multipart and JSON bodies itself and has no raw-body path, so the .npy batch arrives as a
 multipart file part. Only one API per server: an idle LitServe worker polls its queue and would tax the
-others. The worker writes its batch counts to ``--stats`` every 0.2 s (LitServe exposes no batch-size metric).
+others. Each worker writes its batch counts to ``--stats``.PID every 0.2 s (LitServe exposes no batch-size metric).
 ``python -m bench.servers.lit --model vae.ts --port 8102 --api encode``.
 """
 
@@ -88,10 +88,11 @@ class VAEAPI(ls.LitAPI):
         self.rows += rows
 
     def _flush_forever(self) -> None:
-        tmp = Path(f"{self.stats}.{os.getpid()}")
+        final = Path(f"{self.stats}.{os.getpid()}")  # one file per worker process; the runner sums them
+        tmp = Path(f"{final}.tmp")
         while True:
             tmp.write_bytes(orjson.dumps({"batches": self.batches, "rows": self.rows}))
-            tmp.replace(self.stats)
+            tmp.replace(final)
             time.sleep(0.2)
 
 
@@ -102,14 +103,15 @@ def main() -> None:
     parser.add_argument("--api", choices=tuple(PATHS), required=True, help="the batcher kernel: its endpoint")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--max-batch-size", type=int, default=64)
-    parser.add_argument("--batch-timeout-ms", type=float, default=2.0)
+    parser.add_argument("--batch-timeout-ms", type=float, default=0.0)
+    parser.add_argument("--workers", type=int, default=1, help="LitServe workers_per_device (processes)")
     parser.add_argument("--fast-queue", action="store_true", help="LitServe's ZeroMQ transport")
     parser.add_argument("--stats", type=Path, required=True)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     api = VAEAPI(args.model, args.api, args.threads, args.stats, max_batch_size=args.max_batch_size,
                  batch_timeout=args.batch_timeout_ms / 1000.0)
-    server = ls.LitServer(api, accelerator="cpu", workers_per_device=1, healthcheck_path="/readyz",
+    server = ls.LitServer(api, accelerator="cpu", workers_per_device=args.workers, healthcheck_path="/readyz",
                           fast_queue=args.fast_queue, timeout=60)
     server.run(host="127.0.0.1", port=args.port, num_api_servers=1, log_level="warning",
                generate_client_file=False, access_log=False)
