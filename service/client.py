@@ -92,7 +92,9 @@ class Samples:
 class AnomalyResult:
     """Arrays with one float64 entry per image; NaN where the server sent null (no calibration, say)."""
 
-    nll_nats: np.ndarray  # the score: importance-weighted negative log-likelihood, higher = stranger
+    score_nats: np.ndarray  # the requested score kind, higher = stranger; p_value and is_anomaly refer to it
+    complexity_bits: np.ndarray  # compressed input size in bits for nll-minus-<compressor> kinds, else NaN
+    nll_nats: np.ndarray  # importance-weighted negative log-likelihood
     nll_bits_per_dim: np.ndarray
     nll_se_nats: np.ndarray  # Monte Carlo standard error of nll_nats
     ess: np.ndarray  # effective sample size of the K importance weights
@@ -102,6 +104,7 @@ class AnomalyResult:
     p_value: np.ndarray  # conformal p-value against the artifact's calibration scores
     percentile: np.ndarray
     is_anomaly: Optional[np.ndarray]  # bool (p_value <= alpha); None without calibration
+    score: str  # the score kind: nll, or nll-minus-<compressor>
     k: int  # importance samples used
     calibration: Dict[str, Any]  # calibrated, n, k, alpha, tail, threshold_nats
 
@@ -186,11 +189,12 @@ def _samples(response: httpx.Response) -> Samples:
 
 def _anomaly(response: httpx.Response) -> AnomalyResult:
     body = _json(response)
-    rows, names = body["scores"], [f.name for f in fields(AnomalyResult)][:-3]  # the float columns
-    columns = {n: np.array([np.nan if r[n] is None else r[n] for r in rows], dtype=np.float64) for n in names}
+    rows, names = body["scores"], [f.name for f in fields(AnomalyResult)][:-4]  # the float columns
+    columns = {n: np.array([np.nan if r.get(n) is None else r[n] for r in rows], dtype=np.float64) for n in names}
     flags = [r["is_anomaly"] for r in rows]
     is_anomaly = None if None in flags else np.array(flags, dtype=bool)
-    return AnomalyResult(**columns, is_anomaly=is_anomaly, k=body["k"], calibration=body["calibration"])
+    return AnomalyResult(**columns, is_anomaly=is_anomaly, score=body["score"], k=body["k"],
+                         calibration=body["calibration"])
 
 
 def _image_body(images: Images) -> Dict[str, Any]:
@@ -317,9 +321,12 @@ class _Operations:
         pair = np.stack([a, b]) if isinstance(a, np.ndarray) and isinstance(b, np.ndarray) else [a, b]
         return self._send(_pixels("/interpolate", False, params=params, **_image_body(pair)))
 
-    def anomaly_score(self, images: Images, *, k: Optional[int] = None, alpha: float = 0.01, tail: str = "upper"):
-        """Images -> ``AnomalyResult``; ``k`` defaults to the calibration's K, ``tail`` is upper or two-sided."""
-        params = {"alpha": alpha, "tail": tail, **({} if k is None else {"k": k})}
+    def anomaly_score(self, images: Images, *, k: Optional[int] = None, alpha: float = 0.01, tail: str = "upper",
+                      score: Optional[str] = None):
+        """Images -> ``AnomalyResult``; ``k`` defaults to the calibration's K, ``tail`` is upper or two-sided,
+        ``score`` a kind from ``model_info()["metadata"]["scoring"]["kinds"]`` (default: the artifact's)."""
+        params = {"alpha": alpha, "tail": tail, **({} if k is None else {"k": k}),
+                  **({} if score is None else {"score": score})}
         return self._send(_Call("POST", "/anomaly-score", {"params": params, **_image_body(images)}, _anomaly))
 
     def model_info(self):

@@ -204,6 +204,13 @@ async def test_anomaly_score(vae, digits: np.ndarray):
     np.testing.assert_array_equal(again.nll_nats, normal.nll_nats)  # scoring noise is seeded
     other_k = await call(vae.anomaly_score(digits[:1], k=8, tail="two-sided"))
     assert other_k.k == 8 and other_k.calibration["calibrated"] is False
+    plain = await call(vae.anomaly_score(digits, score="nll"))  # the score kind the p-values refer to
+    assert plain.score == "nll" and np.isnan(plain.complexity_bits).all()
+    np.testing.assert_array_equal(plain.score_nats, plain.nll_nats)
+    assert normal.score.startswith("nll-minus-")  # the default is complexity-corrected: NLL - compressed size
+    np.testing.assert_allclose(normal.score_nats, normal.nll_nats - normal.complexity_bits * np.log(2), rtol=1e-5)
+    with pytest.raises(BadRequest, match="nll"):
+        await call(vae.anomaly_score(digits[:1], score="no-such-kind"))
 
 
 async def test_errors_map_to_exception_classes(vae):
