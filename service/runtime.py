@@ -260,15 +260,13 @@ class ModelRuntime:
             reference = run(largest)[:1]  # padded to a bucket: the established result
             sizes = sorted({n for n in (1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 17, 24, 31, 32, 33, 48, 63, 64)
                             if n < largest} | {max(1, largest - 1)})
-            self.exact_from[kernel] = 1
-            same = {n: np.array_equal(run(n)[:1], reference) for n in sizes}
-            differ = [n for n, ok in same.items() if not ok]
-            if any(n >= self.buckets[0] for n in differ):
-                self.exact_from[kernel] = None
+            self.exact_from[kernel] = 1  # every probe at its exact size
+            differ = [n for n in sizes if not np.array_equal(run(n)[:1], reference)]
+            padded = any(n >= self.buckets[0] for n in differ)
+            if padded:
                 log.warning("%s: rows differ at batch sizes %s; padding every call to %s", kernel, differ,
                             self.buckets)
-            else:
-                self.exact_from[kernel] = max(differ) + 1 if differ else 1
+            self.exact_from[kernel] = None if padded else max(differ, default=0) + 1
         log.info("exact-size batching from %s rows (None: padded to buckets %s)", self.exact_from, self.buckets)
 
     def gpu_memory(self) -> Dict[str, int]:
