@@ -91,6 +91,7 @@ RUN --mount=type=secret,id=pip.conf,target=/etc/pip.conf \
 # memory (the root filesystem is read-only at run time).
 FROM deps AS venv
 COPY pyproject.toml README.md* ./
+COPY vae_artifact/ vae_artifact/
 COPY service/ service/
 COPY training/ training/
 RUN --mount=type=secret,id=pip.conf,target=/etc/pip.conf \
@@ -106,14 +107,15 @@ RUN --mount=type=secret,id=pip.conf,target=/etc/pip.conf \
  && vae-serve --help > /dev/null
 
 # ---------------------------------------------------------------------------------------------------------------
-# model-train: trains the default model from the digits data bundled with scikit-learn. Only training/ is
-# copied, so editing service/ never retrains; the training extras stay in this stage.
+# model-train: trains the default model from the digits data bundled with scikit-learn. Only training/ and the
+# artifact contract are copied, so editing service/ never retrains; the training extras stay in this stage.
 FROM deps AS model-train
 COPY --from=requirements /src/requirements-train.txt /tmp/
 RUN --mount=type=secret,id=pip.conf,target=/etc/pip.conf \
     --mount=type=secret,id=pip-ca \
     --mount=type=cache,target=/root/.cache/pip \
     pip install --constraint /opt/torch-constraint.txt --requirement /tmp/requirements-train.txt
+COPY vae_artifact/ vae_artifact/
 COPY training/ training/
 ARG TRAIN_EPOCHS=30
 RUN python -m training --data digits --epochs "$TRAIN_EPOCHS" --out /models/vae.ts

@@ -4,21 +4,22 @@ The naive and LitServe servers do exactly what the service does to a request, wr
 those frameworks would: PNG -> uint8 in the model's mode and size -> float / 255, the artifact's own
 ``encode`` / ``decode`` / ``score`` under ``torch.inference_mode()``, and the same JSON shape (orjson, like
 the service). Output shaping (anomaly rows, sample PNGs) reuses the service's pure functions so every server
-sends the same bytes. Importing this module does not import torch; the servers do, when they start.
+sends the same bytes. The artifact is read with the contract's own package (``vae_artifact``), like the
+service reads it. Importing this module does not import torch; the servers do, when they start.
 """
 
 import io
-import json
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Dict, List, Sequence
 
 import numpy as np
 import orjson
 from PIL import Image
 
-DEFAULT_SCORE_K = 32  # the service's default when the artifact does not say (service/runtime.py)
+from vae_artifact.metadata import Metadata, read_metadata
+
+__all__ = ["ModelShape", "model_shape", "read_metadata"]
 
 
 @dataclass(frozen=True)
@@ -35,20 +36,9 @@ class ModelShape:
         return self.channels * self.height * self.width
 
 
-def read_metadata(path: Path) -> Dict[str, Any]:
-    """metadata.json from inside the TorchScript zip, without loading the model (or torch)."""
-    with zipfile.ZipFile(path) as archive:
-        name = next((n for n in archive.namelist() if n.endswith("extra/metadata.json")), None)
-        if name is None:
-            raise ValueError(f"{path} has no embedded metadata.json")
-        return json.loads(archive.read(name))
-
-
-def model_shape(metadata: Dict[str, Any]) -> ModelShape:
-    image, scoring = metadata["model"]["image"], metadata.get("scoring", {})
-    return ModelShape(int(image["channels"]), int(image["height"]), int(image["width"]),
-                      int(metadata["model"]["latent_dim"]), int(scoring.get("k", DEFAULT_SCORE_K)),
-                      int(scoring.get("noise_seed", 0)))
+def model_shape(metadata: Metadata) -> ModelShape:
+    image, scoring = metadata.image, metadata.scoring
+    return ModelShape(image.channels, image.height, image.width, metadata.latent_dim, scoring.k, scoring.noise_seed)
 
 
 def decode_png(data: bytes, shape: ModelShape) -> np.ndarray:
@@ -72,24 +62,21 @@ def decode_npy(data: bytes, shape: ModelShape) -> np.ndarray:
 
 
 def load_model(path: Path, threads: int):
-    """torch.jit.load the artifact on CPU, in eval mode, with the bench's intra-op thread count."""
-    import warnings
-
+    """The artifact's module on CPU (checked and in eval mode, as the service loads it), with the bench's
+    intra-op thread count."""
     import torch
 
+    from vae_artifact.io import load_artifact
+
     torch.set_num_threads(threads)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        module = torch.jit.load(str(path), map_location="cpu")
-    return module.eval()
+    return load_artifact(path)[0]
 
 
 def score_noise(shape: ModelShape, k: int):
-    """The artifact contract's noise, (K, D): randn from a CPU generator seeded with scoring.noise_seed."""
-    import torch
+    """The artifact contract's noise, (K, D)."""
+    from vae_artifact import noise
 
-    gen = torch.Generator(device="cpu").manual_seed(shape.noise_seed)
-    return torch.randn((k, shape.latent_dim), generator=gen)
+    return noise.scoring_noise(k, shape.latent_dim, shape.noise_seed)
 
 
 def to_tensor(images: np.ndarray):
@@ -101,8 +88,9 @@ def to_tensor(images: np.ndarray):
 
 def run_score(module, x, noise) -> Dict[str, np.ndarray]:
     """The artifact's score(x, eps) with eps the fixed noise shared by every row, as the service calls it."""
-    k, d = noise.shape
-    iw, elbo, rec, kl, log_w = module.score(x, noise.unsqueeze(1).expand(k, x.shape[0], d))
+    from vae_artifact.noise import for_rows
+
+    iw, elbo, rec, kl, log_w = module.score(x, for_rows(noise, x.shape[0]))
     return {"iw_ll": iw.numpy(), "elbo": elbo.numpy(), "rec": rec.numpy(), "kl": kl.numpy(),
             "log_w": log_w.t().numpy()}
 

@@ -3,9 +3,8 @@
 import asyncio
 import logging
 from contextlib import asynccontextmanager
-from typing import AsyncIterator, Hashable, Optional
+from typing import AsyncIterator, Optional
 
-import numpy as np
 import torch
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -20,8 +19,9 @@ from service.errors import install_handlers
 from service.metrics import Metrics
 from service.middleware import BodyLimit, InFlightLimit, RequestMetrics
 from service.routes import anomaly, inference, ops
-from service.runtime import KERNELS, ModelRuntime, available_cpus, default_workers
-from service.scoring import Calibration, ScoreKinds
+from service.devices import default_torch_threads, default_workers
+from service.runtime import KERNELS, ModelRuntime
+from service.scoring import ScoreKinds
 
 log = logging.getLogger(__name__)
 
@@ -63,22 +63,12 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     runtime = state.runtime
     info = runtime.info
     state.image_spec = ImageSpec(info.channels, info.height, info.width, max_pixels=settings.max_pixels)
-    state.calibration = Calibration.from_metadata(runtime.metadata)
     state.score_kinds = ScoreKinds.from_metadata(runtime.metadata)
     state.metrics.model_info.labels(info.version, info.sha256, str(runtime.device)).set(1)
-
-    def run(kernel: str, rows: np.ndarray, params: Hashable):
-        return runtime.score(rows, params) if kernel == "score" else getattr(runtime, kernel)(rows)
-
     workers = settings.model_workers or default_workers(runtime.device)
-    threads = settings.torch_threads or (max(1, available_cpus() // workers) if runtime.device.type == "cpu" else None)
-    if threads:
-        torch.set_num_threads(threads)
-    state.batcher = Batcher(
-        run, kernels=KERNELS, max_rows=lambda kernel, params: runtime.max_rows(kernel, params or 0),
-        max_delay_s=settings.batch_delay_ms / 1000.0, queue_limit=settings.queue_limit, metrics=state.metrics,
-        workers=workers,
-    )
+    torch.set_num_threads(settings.torch_threads or default_torch_threads(runtime.device, workers))
+    state.batcher = Batcher(runtime, kernels=KERNELS, max_delay_s=settings.batch_delay_ms / 1000.0,
+                            queue_limit=settings.queue_limit, metrics=state.metrics, workers=workers)
     log.info("%d model worker(s), %d torch thread(s) each", workers, torch.get_num_threads())
     state.batcher.start()
     # Warm in the background: /livez answers at once, /readyz turns 200 when every bucket is warm.

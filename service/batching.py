@@ -1,7 +1,7 @@
 """Dynamic batching: rows from concurrent requests share model calls, one queue per kernel.
 
-Contract of ``Batcher.submit(kernel, rows, params, deadline)``: it returns a dict of arrays with exactly
-``len(rows)`` rows each, in order, or raises ``QueueFull`` (nothing was enqueued), ``DeadlineExceeded``
+Contract of ``Batcher.submit(kernel, rows, params, deadline)`` over a ``Runner`` (the model runtime): it returns a
+dict of arrays with exactly ``len(rows)`` rows each, in order, or raises ``QueueFull`` (nothing was enqueued), ``DeadlineExceeded``
 (rows expired before compute), ``BatcherStopped`` or the model's own exception (only the requests of that
 batch see it). Rows, not requests, are the unit: a request is split into pieces of at most the kernel's
 row limit, pieces of many requests are coalesced up to that limit or until ``max_delay_s`` has passed
@@ -23,7 +23,7 @@ import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Deque, Dict, Hashable, List, Optional, Sequence, Set
+from typing import Awaitable, Callable, Deque, Dict, Hashable, List, Optional, Protocol, Sequence, Set
 
 import numpy as np
 
@@ -32,8 +32,14 @@ from service.metrics import Metrics
 log = logging.getLogger(__name__)
 
 Outputs = Dict[str, np.ndarray]
-RunFn = Callable[[str, np.ndarray, Hashable], Outputs]
-MaxRowsFn = Callable[[str, Hashable], int]
+
+
+class Runner(Protocol):
+    """What the batcher drives (``service.runtime.ModelRuntime``): a kernel on rows, and each call's row limit."""
+
+    def run(self, kernel: str, rows: np.ndarray, params: Hashable) -> Outputs: ...
+
+    def max_rows(self, kernel: str, params: Hashable) -> int: ...
 
 
 class QueueFull(Exception):
@@ -74,15 +80,15 @@ class _Item:
 
 
 class Batcher:
-    def __init__(self, run: RunFn, *, kernels: Sequence[str], max_rows: MaxRowsFn, max_delay_s: float,
-                 queue_limit: int, metrics: Metrics, workers: int = 1) -> None:
+    def __init__(self, runner: Runner, *, kernels: Sequence[str], max_delay_s: float, queue_limit: int,
+                 metrics: Metrics, workers: int = 1) -> None:
         if max_delay_s < 0:
             raise ValueError(f"max_delay_s must be >= 0, got {max_delay_s}")
         if queue_limit < 1:
             raise ValueError(f"queue_limit must be >= 1, got {queue_limit}")
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
-        self._run, self._max_rows, self._delay = run, max_rows, max_delay_s
+        self._runner, self._delay = runner, max_delay_s
         self.queue_limit = queue_limit
         self._metrics = metrics
         self._queues: Dict[str, Deque[_Item]] = {k: deque() for k in kernels}
@@ -154,7 +160,7 @@ class Batcher:
             self._metrics.rejections.labels("queue_full").inc()
             raise QueueFull(kernel, self.retry_after(kernel))
         deadline = math.inf if deadline is None else deadline
-        step = self._max_rows(kernel, params)
+        step = self._runner.max_rows(kernel, params)
         loop = asyncio.get_running_loop()
         # Futures exist before their items are queued, so no result can arrive unobserved.
         items = [_Item(rows[i:i + step], params, loop.create_future(), deadline) for i in range(0, n, step)]
@@ -174,9 +180,6 @@ class Batcher:
         """Seconds until the queue has drained at the recent rate (at least 1)."""
         rate = self._drain_rate[kernel]
         return max(1, math.ceil(self._waiting_rows[kernel] / rate)) if rate > 0 else 1
-
-    def depth(self, kernel: str) -> int:
-        return self._waiting_rows[kernel]
 
     # -- the loop ------------------------------------------------------------------------------
     async def _loop(self, kernel: str) -> None:
@@ -213,7 +216,7 @@ class Batcher:
         if not queue:
             return []
         first = queue[0]
-        limit = self._max_rows(kernel, first.params)
+        limit = self._runner.max_rows(kernel, first.params)
         close_at = first.enqueued + self._delay  # the delay starts at the first row, not at this call
         batch: List[_Item] = []
         rows = 0
@@ -279,7 +282,7 @@ class Batcher:
 
     def _call(self, kernel: str, pieces: List[np.ndarray], params: Hashable) -> Outputs:
         rows = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
-        outputs = self._run(kernel, rows, params)
+        outputs = self._runner.run(kernel, rows, params)
         bad = {name: len(v) for name, v in outputs.items() if len(v) != len(rows)}
         if bad:
             raise RuntimeError(f"{kernel} returned {bad} rows for {len(rows)} inputs")

@@ -24,7 +24,7 @@ import base64
 import email.utils
 import io
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Generator, List, Optional, Sequence, Tuple, Union
 
 import httpx
@@ -109,6 +109,11 @@ class AnomalyResult:
     calibration: Dict[str, Any]  # calibrated, n, k, alpha, tail, threshold_nats
 
 
+# AnomalyResult's per-image float columns: what _anomaly reads from every row of the response.
+_FLOAT_COLUMNS = ("score_nats", "complexity_bits", "nll_nats", "nll_bits_per_dim", "nll_se_nats", "ess", "elbo_nats",
+                  "reconstruction_nats", "kl_nats", "p_value", "percentile")
+
+
 @dataclass(frozen=True)
 class _Call:
     """One HTTP request, and how its response becomes the method's result (or raises)."""
@@ -189,8 +194,9 @@ def _samples(response: httpx.Response) -> Samples:
 
 def _anomaly(response: httpx.Response) -> AnomalyResult:
     body = _json(response)
-    rows, names = body["scores"], [f.name for f in fields(AnomalyResult)][:-4]  # the float columns
-    columns = {n: np.array([np.nan if r.get(n) is None else r[n] for r in rows], dtype=np.float64) for n in names}
+    rows = body["scores"]
+    columns = {n: np.array([np.nan if r.get(n) is None else r[n] for r in rows], dtype=np.float64)
+               for n in _FLOAT_COLUMNS}
     flags = [r["is_anomaly"] for r in rows]
     is_anomaly = None if None in flags else np.array(flags, dtype=bool)
     return AnomalyResult(**columns, is_anomaly=is_anomaly, score=body["score"], k=body["k"],

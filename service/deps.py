@@ -15,7 +15,7 @@ from service.config import Settings
 from service.errors import ModelNotReady, Unauthorized
 from service.metrics import Metrics
 from service.runtime import ModelRuntime
-from service.scoring import Calibration, ScoreKinds
+from service.scoring import ScoreKinds
 
 
 @dataclass
@@ -24,7 +24,6 @@ class ServiceState:
     metrics: Metrics
     runtime: Optional[ModelRuntime] = None
     batcher: Optional[Batcher] = None
-    calibration: Optional[Calibration] = None
     score_kinds: Optional[ScoreKinds] = None  # the artifact's anomaly score kinds; built once from its metadata
     image_spec: Optional[ImageSpec] = None
     warm: bool = False

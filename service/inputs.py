@@ -1,4 +1,4 @@
-"""Request bodies -> arrays, and arrays -> responses in the format the client asked for.
+"""Request bodies -> arrays: images, latents and JSON bodies, checked against the model and the limits.
 
 Image bodies come in three forms, chosen by Content-Type: ``multipart/form-data`` (one or more file parts),
 ``application/json`` (``{"images": [base64, ...]}``) or ``application/x-npy`` (one uint8/float batch).
@@ -15,7 +15,7 @@ from typing import Callable, Dict, List, Type, TypeVar
 
 import numpy as np
 import orjson
-from fastapi import Request, Response
+from fastapi import Request
 from pydantic import BaseModel, ValidationError
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -23,10 +23,9 @@ from starlette.concurrency import run_in_threadpool
 
 from service import codecs
 from service.errors import MalformedBody, RequestTooLarge, UnsupportedMediaType
-from service.responses import JSONResponse
+from service.responses import NPY
 from service.schemas import ImagesIn
 
-NPY = "application/x-npy"
 NPY_TYPES = (NPY, "application/octet-stream")
 INLINE_BYTES = 16 * 1024
 M = TypeVar("M", bound=BaseModel)
@@ -57,10 +56,6 @@ def json_body(model: Type[BaseModel]) -> dict:
 
 def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
-
-
-def wants_npy(request: Request) -> bool:
-    return NPY in request.headers.get("accept", "")
 
 
 async def read_json(request: Request, model: Type[M]) -> M:
@@ -178,14 +173,6 @@ def latents(z: List[List[float]], dim: int, max_rows: int) -> np.ndarray:
     if not np.isfinite(array).all():  # finite in float64 JSON can still overflow float32
         raise codecs.InvalidInput("z has values that are not finite in float32")
     return array
-
-
-async def images_response(request: Request, pixels: np.ndarray, z: np.ndarray, seed=None) -> Response:
-    """Pixel means (N, C, H, W) -> base64 PNGs in JSON, or the float32 means themselves as .npy."""
-    if wants_npy(request):
-        return Response(await run_in_threadpool(codecs.encode_npy, pixels), media_type=NPY)
-    images = await run_in_threadpool(lambda: [codecs.encode_png_base64(im) for im in codecs.to_uint8(pixels)])
-    return JSONResponse({"images": images, "z": z.tolist(), "seed": seed})
 
 
 def _check_rows(n: int, max_rows: int) -> None:

@@ -1,137 +1,39 @@
-"""The artifact on its device: loading, batch shapes, warm-up and the three kernels.
+"""The artifact on its device: batch shapes, warm-up and the three kernels.
 
 Kernels take and return numpy arrays and run on the batcher's worker threads, never on the event loop; they
-are safe to call from several threads at once (TorchScript methods are; the noise cache has a lock). Everything about the model comes from the artifact's metadata.json (DESIGN.md, artifact contract);
-the VAE math itself is the artifact's exported ``encode`` / ``decode`` / ``score``.
+are safe to call from several threads at once (TorchScript methods are; the noise cache has a lock). The
+artifact is loaded and checked by the contract's own package (``vae_artifact``); everything about the model
+comes from its metadata, and the VAE math itself is the artifact's exported ``encode`` / ``decode`` / ``score``.
 """
 
-import hashlib
-import json
 import logging
 import math
-import os
 import threading
 import time
-import warnings
 from collections import OrderedDict
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from service.devices import resolve_device
+from vae_artifact import noise
+from vae_artifact.errors import ArtifactError
+from vae_artifact.io import file_sha256, load_artifact
+from vae_artifact.metadata import KERNELS, Metadata
+
 log = logging.getLogger(__name__)
 
-SUPPORTED_FORMAT = 1
-METADATA_FILE = "metadata.json"
-DEFAULT_SCORE_K = 32
-KERNELS = ("encode", "decode", "score")
+Call = Callable[[torch.Tensor], Tuple[torch.Tensor, ...]]  # a model method on one batch, outputs row-first
+
 # Decoded images per score call when not configured. On CPU a call's cost grows with its size (K=32 already
 # fills the caches: 4 rows per call score as fast per row as 64), so small calls keep rows from waiting on
 # each other; on a GPU one call should fill the device.
 SCORE_DECODES = {"cpu": 128, "cuda": 4096}
 
-
-class ArtifactError(RuntimeError):
-    """The artifact is missing, unreadable, tampered with, or of a format this service cannot serve."""
-
-
-@contextmanager
-def _quiet_torchscript() -> Iterator[None]:
-    # TorchScript is deprecated from torch 2.11 on and warns on load; the artifact format is TorchScript.
-    with warnings.catch_warnings():
-        for category in (DeprecationWarning, FutureWarning):
-            warnings.filterwarnings("ignore", message=r".*(TorchScript|torch\.jit).*", category=category)
-        yield
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def weights_sha256(module: torch.nn.Module) -> str:
-    """The artifact contract's weights hash: per state-dict entry, sorted by name, name|dtype|shape| + bytes."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
-
-
-def available_cpus() -> int:
-    """CPUs this process may use: its affinity mask, lowered by a cgroup CPU quota (a container's limit)."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    quota = None
-    try:  # cgroup v2
-        limit, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        quota = None if limit == "max" else int(limit) / int(period)
-    except (OSError, ValueError):
-        try:  # cgroup v1
-            limit = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
-            period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
-            quota = limit / period if limit > 0 and period > 0 else None
-        except (OSError, ValueError):
-            pass
-    return max(1, min(cpus, math.ceil(quota))) if quota else max(1, cpus)
-
-
-def default_workers(device: torch.device) -> int:
-    """Model worker threads: one per usable CPU core (up to 8) on CPU, one per GPU."""
-    return 1 if device.type == "cuda" else min(8, available_cpus())
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ArtifactError(f"device {name!r} requested but CUDA is not available")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ArtifactError(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
-    return device
-
-
-def load_artifact(path: Path, device: torch.device) -> Tuple[torch.jit.ScriptModule, Dict[str, Any]]:
-    """The one loader: TorchScript module + metadata, checked; ArtifactError with the reason otherwise."""
-    path = Path(path)
-    if not path.is_file():
-        raise ArtifactError(f"model artifact not found: {path}")
-    extra = {METADATA_FILE: ""}
-    try:
-        with _quiet_torchscript():
-            module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
-    except Exception as exc:  # damaged zips raise RuntimeError, ValueError or zipfile errors
-        raise ArtifactError(f"{path} is not a readable TorchScript artifact ({type(exc).__name__}: {exc})") from exc
-    try:
-        meta = json.loads(extra[METADATA_FILE] or "null")
-    except ValueError as exc:
-        raise ArtifactError(f"{path}: embedded metadata.json is not valid JSON ({exc})") from exc
-    if not isinstance(meta, dict) or not isinstance(meta.get("format_version"), int):
-        raise ArtifactError(f"{path}: no metadata.json with an integer format_version inside")
-    if meta["format_version"] > SUPPORTED_FORMAT:
-        raise ArtifactError(
-            f"{path}: artifact format {meta['format_version']} is newer than this service supports "
-            f"({SUPPORTED_FORMAT}); upgrade the service"
-        )
-    try:
-        image, latent_dim = meta["model"]["image"], int(meta["model"]["latent_dim"])
-        int(image["channels"]), int(image["height"]), int(image["width"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ArtifactError(f"{path}: metadata lacks model.image / model.latent_dim ({exc!r})") from exc
-    missing = [m for m in KERNELS if not hasattr(module, m)]
-    if missing or latent_dim < 1:
-        raise ArtifactError(f"{path}: artifact does not export {missing} (needs encode, decode, score)")
-    if meta.get("weights_sha256") != weights_sha256(module):
-        raise ArtifactError(f"{path}: weights do not match the weights_sha256 in its metadata (corrupt or tampered)")
-    return module, meta
+__all__ = ["ArtifactError", "KERNELS", "ModelInfo", "ModelRuntime", "SCORE_DECODES"]
 
 
 @dataclass(frozen=True)
@@ -165,17 +67,13 @@ class ModelRuntime:
         if not buckets or min(buckets) < 1:
             raise ValueError(f"buckets must be positive batch sizes, got {list(buckets)}")
         self.device = resolve_device(device)
-        sha = file_sha256(Path(path)) if Path(path).is_file() else ""
-        if expected_sha256 and sha != expected_sha256.lower():
-            raise ArtifactError(f"{path}: sha256 {sha or '(missing file)'} is not the pinned {expected_sha256}")
-        self.module, self.metadata = load_artifact(Path(path), self.device)
-        self.module.eval()
-        image, scoring = self.metadata["model"]["image"], self.metadata.get("scoring", {})
-        c, h, w = int(image["channels"]), int(image["height"]), int(image["width"])
+        self.module, self.metadata = load_artifact(Path(path), self.device, expected_sha256=expected_sha256)
+        meta: Metadata = self.metadata
         self.info = ModelInfo(
-            channels=c, height=h, width=w, latent_dim=int(self.metadata["model"]["latent_dim"]), num_dims=c * h * w,
-            score_k=int(scoring.get("k", DEFAULT_SCORE_K)), noise_seed=int(scoring.get("noise_seed", 0)),
-            version=str(self.metadata.get("created", "unknown")), sha256=sha,
+            channels=meta.image.channels, height=meta.image.height, width=meta.image.width,
+            latent_dim=meta.latent_dim, num_dims=meta.image.num_dims, score_k=meta.scoring.k,
+            noise_seed=meta.scoring.noise_seed, version=meta.created,
+            sha256=expected_sha256.lower() if expected_sha256 else file_sha256(Path(path)),  # a pin was checked
         )
         self.buckets = sorted(set(int(b) for b in buckets))
         self.max_score_decodes = max_score_decodes or SCORE_DECODES.get(self.device.type, SCORE_DECODES["cuda"])
@@ -187,43 +85,47 @@ class ModelRuntime:
         self.exact_from: Dict[str, Optional[int]] = {kernel: None for kernel in KERNELS}
 
     # -- kernels -------------------------------------------------------------------------------
+    def run(self, kernel: str, rows: np.ndarray, params: Hashable = None) -> Dict[str, np.ndarray]:
+        """The batcher's one entry point: ``kernel`` on ``rows``; ``params`` is the score's K."""
+        if kernel == "score":
+            return self.score(rows, int(params or self.info.score_k))
+        if kernel in ("encode", "decode"):
+            return self.encode(rows) if kernel == "encode" else self.decode(rows)
+        raise ValueError(f"unknown kernel {kernel!r}; known: {list(KERNELS)}")
+
     @torch.inference_mode()
     def encode(self, images: np.ndarray) -> Dict[str, np.ndarray]:
         """uint8 (N, C, H, W) -> mu, logvar (N, D) float32."""
-        chunks = self._chunks(images, self.buckets, self.exact_from["encode"])
-        return self._collect([self._split_on_oom(self.module.encode, x) for x in chunks], ("mu", "logvar"), len(images))
+        return self._calls(self.module.encode, images, ("mu", "logvar"), self.buckets, self.exact_from["encode"])
 
     @torch.inference_mode()
     def decode(self, z: np.ndarray) -> Dict[str, np.ndarray]:
         """float32 (N, D) -> pixel means (N, C, H, W) float32 in [0, 1]."""
-        chunks = self._chunks(z, self.buckets, self.exact_from["decode"])
-        return self._collect([self._split_on_oom(lambda t: (self.module.decode(t),), t) for t in chunks],
-                             ("pixels",), len(z))
+        return self._calls(lambda t: (self.module.decode(t),), z, ("pixels",), self.buckets, self.exact_from["decode"])
 
     @torch.inference_mode()
     def score(self, images: np.ndarray, k: int) -> Dict[str, np.ndarray]:
         """uint8 (N, C, H, W) -> iw_ll, elbo, rec, kl (N,) and log_w (N, K); noise fixed per K, shared by rows."""
-        noise = self._noise_for(k)
+        eps_k = self._noise_for(k)
 
         def score(x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-            eps = noise.unsqueeze(1).expand(k, x.shape[0], self.info.latent_dim)  # (K, D) -> (K, B, D), no copy
+            eps = noise.for_rows(eps_k, x.shape[0])  # (K, D) -> (K, B, D), no copy
             iw, elbo, rec, kl, log_w = self.module.score(x, eps)
             return iw, elbo, rec, kl, log_w.t()  # log_w (K, B) -> (B, K): rows first, like the rest
 
         exact_from = self.exact_from["score"]
         if exact_from is not None:  # the K decodes of a row are a batch of K: a few rows reach the safe size
             exact_from = max(exact_from, math.ceil(self.buckets[0] / k))
-        chunks = self._chunks(images, self.score_buckets(k), exact_from)
-        return self._collect([self._split_on_oom(score, x) for x in chunks],
-                             ("iw_ll", "elbo", "rec", "kl", "log_w"), len(images))
+        return self._calls(score, images, ("iw_ll", "elbo", "rec", "kl", "log_w"), self.score_buckets(k), exact_from)
 
     def score_buckets(self, k: int) -> List[int]:
         """Buckets for a score call: a row costs K decodes, so rows per call shrink as K grows."""
         cap = max(1, min(self.buckets[-1], self.max_score_decodes // k))
         return [b for b in self.buckets if b < cap] + [cap]
 
-    def max_rows(self, kernel: str, k: int = 0) -> int:
-        return self.score_buckets(k)[-1] if kernel == "score" else self.buckets[-1]
+    def max_rows(self, kernel: str, params: Hashable = None) -> int:
+        """Most rows in one call of ``kernel`` (for a score, with K = ``params``)."""
+        return self.score_buckets(int(params or self.info.score_k))[-1] if kernel == "score" else self.buckets[-1]
 
     def warm_up(self, score_k: Optional[int] = None, rounds: int = 3) -> float:
         """Measure the exact-size batching (CPU), then run every kernel at its call sizes, ``rounds`` times,
@@ -275,48 +177,49 @@ class ModelRuntime:
         return {"allocated": torch.cuda.memory_allocated(self.device), "reserved": torch.cuda.memory_reserved(self.device)}
 
     # -- helpers -------------------------------------------------------------------------------
-    def _split_on_oom(self, fn: Callable[[torch.Tensor], Tuple[torch.Tensor, ...]],
-                      x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        """Run fn on x; if the device runs out of memory, retry on halves (down to single rows)."""
+    def _calls(self, fn: Call, rows: np.ndarray, names: Tuple[str, ...], buckets: List[int],
+               exact_from: Optional[int]) -> Dict[str, np.ndarray]:
+        """``fn`` over ``rows`` in calls of at most the largest bucket, each zero-padded up to a bucket size
+        (``exact_from`` None) or up to ``exact_from`` rows; outputs row-first, padding cut off."""
+        def padded_size(n: int) -> int:
+            return next(b for b in buckets if b >= n) if exact_from is None else max(n, exact_from)
+
+        step = buckets[-1]
+        parts = [self._padded_call(fn, self._to_device(np.ascontiguousarray(rows[start:start + step])), padded_size)
+                 for start in range(0, len(rows), step)]
+        # .cpu() is the device sync point.
+        out = {name: torch.cat([p[i] for p in parts]).cpu().numpy() for i, name in enumerate(names)}
+        assert all(len(v) == len(rows) for v in out.values()), \
+            f"kernel returned {[len(v) for v in out.values()]} rows, expected {len(rows)}"
+        return out
+
+    def _padded_call(self, fn: Call, x: torch.Tensor, padded_size: Callable[[int], int]) -> Tuple[torch.Tensor, ...]:
+        """``fn`` on the rows of x zero-padded to ``padded_size(len(x))``, outputs cut back to len(x). If the
+        device runs out of memory, each half is retried the same way, padding rule included, so a row's
+        bits do not depend on whether its call was split (down to single rows, then the error stands)."""
+        n = x.shape[0]
+        size = padded_size(n)
         try:
-            return fn(x)
+            full = x if size == n else torch.cat([x, x.new_zeros((size - n,) + tuple(x.shape[1:]))])
+            return tuple(out[:n] for out in fn(full))
         except torch.OutOfMemoryError:
-            if x.shape[0] <= 1:
+            if n <= 1:
                 raise
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()  # hand the failed attempt's blocks back before retrying
-            log.warning("out of memory on %d rows; retrying in halves", x.shape[0])
-            half = x.shape[0] // 2
-            first, second = self._split_on_oom(fn, x[:half]), self._split_on_oom(fn, x[half:])
+            log.warning("out of memory on %d rows; retrying in halves", size)
+            first, second = (self._padded_call(fn, part, padded_size) for part in (x[: n // 2], x[n // 2:]))
             return tuple(torch.cat([a, b]) for a, b in zip(first, second))
 
     def _noise_for(self, k: int) -> torch.Tensor:
-        """The contract's noise: randn((K, D)) from a CPU generator seeded with scoring.noise_seed."""
+        """The contract's noise for K samples (``vae_artifact.noise``), on this device, cached per K."""
         with self._noise_lock:
             if k not in self._noise:
-                gen = torch.Generator(device="cpu").manual_seed(self.info.noise_seed)
-                self._noise[k] = torch.randn((k, self.info.latent_dim), generator=gen).to(self.device)
+                self._noise[k] = noise.scoring_noise(k, self.info.latent_dim, self.info.noise_seed).to(self.device)
                 while len(self._noise) > 8:  # K is request-settable: keep only a few noise tensors
                     self._noise.popitem(last=False)
             self._noise.move_to_end(k)
             return self._noise[k]
-
-    def _chunks(self, rows: np.ndarray, buckets: List[int], exact_from: Optional[int]) -> Iterator[torch.Tensor]:
-        """Split rows into calls of at most the largest bucket, each zero-padded up to a bucket size
-        (``exact_from`` None) or up to ``exact_from`` rows."""
-        step = buckets[-1]
-        for start in range(0, len(rows), step):
-            chunk = rows[start:start + step]
-            if exact_from is None:
-                size = next(b for b in buckets if b >= len(chunk))
-            else:
-                size = max(len(chunk), exact_from)
-            if size == len(chunk):
-                yield self._to_device(np.ascontiguousarray(chunk))
-                continue
-            padded = np.zeros((size,) + rows.shape[1:], dtype=rows.dtype)
-            padded[: len(chunk)] = chunk
-            yield self._to_device(padded)
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         tensor = torch.from_numpy(array)
@@ -326,10 +229,3 @@ class ModelRuntime:
         if tensor.dtype == torch.uint8:
             tensor = tensor.float().div_(255.0)  # the contract's input scaling: 8-bit value / 255
         return tensor
-
-    @staticmethod
-    def _collect(parts: List[Tuple[torch.Tensor, ...]], names: Tuple[str, ...], n: int) -> Dict[str, np.ndarray]:
-        # .cpu() is the device sync point; padded rows are cut off here.
-        out = {name: torch.cat([p[i] for p in parts]).cpu().numpy()[:n] for i, name in enumerate(names)}
-        assert all(len(v) == n for v in out.values()), f"kernel returned {[len(v) for v in out.values()]} rows, expected {n}"
-        return out

@@ -1,11 +1,10 @@
 """Anomaly scores from the artifact's ``score`` outputs, and their calibration into p-values.
 
-The likelihood itself comes from the artifact; this module only turns log-weights into an NLL with its
-Monte Carlo standard error and effective sample size, combines it with model-free input complexity for
-the score kinds that ask for it, and compares scores with the held-out normal scores stored in the
-artifact (split conformal prediction): for n calibration scores s_i and a new score s,
-p = (1 + #{s_i >= s}) / (n + 1) is a valid p-value when s is exchangeable with them, so flagging
-p <= alpha has a false-positive rate of at most alpha on normal data.
+The likelihood itself comes from the artifact; this module turns log-weights into an NLL with its Monte Carlo
+standard error and effective sample size, combines it with model-free input complexity for the score kinds
+that ask for it, and compares scores with the held-out normal scores stored in the artifact. The compressors,
+the conformal p-values and the weight statistics are the contract's own (``vae_artifact``), the same code
+that computed the calibration scores at training time.
 
 Score kinds (``scoring.kinds`` in the artifact; every one in nats, higher = more anomalous): ``nll``, and
 ``nll-minus-<compressor>`` = nll - ln 2 * compressed bits (Serrà et al. 2020), which stops simple inputs
@@ -19,57 +18,12 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from service import complexity
 from service.codecs import InvalidInput
+from vae_artifact import complexity
+from vae_artifact.calibration import Calibration, importance_stats
+from vae_artifact.metadata import Metadata
 
 log = logging.getLogger(__name__)
-
-TAILS = ("upper", "two-sided")
-
-
-@dataclass(frozen=True)
-class Calibration:
-    scores: np.ndarray  # sorted ascending, nats
-    k: int  # the K the scores were computed with
-
-    @classmethod
-    def from_metadata(cls, metadata: dict, kind: str = "nll") -> Optional["Calibration"]:
-        cal = metadata.get("calibration") or {}
-        scores = (cal.get("scores") or {}).get(kind)
-        if not scores:
-            return None
-        return cls(np.sort(np.asarray(scores, dtype=np.float64)), int(cal.get("k", 0)))
-
-    @property
-    def n(self) -> int:
-        return len(self.scores)
-
-    def p_values(self, s: np.ndarray, tail: str = "upper") -> np.ndarray:
-        """Conformal p-values; two-sided also flags scores that are too *low* (atypically likely inputs)."""
-        n = self.n
-        upper = (1.0 + n - np.searchsorted(self.scores, s, side="left")) / (n + 1.0)  # #{s_i >= s}
-        if tail == "upper":
-            return upper
-        lower = (1.0 + np.searchsorted(self.scores, s, side="right")) / (n + 1.0)  # #{s_i <= s}
-        return np.minimum(1.0, 2.0 * np.minimum(upper, lower))
-
-    def percentiles(self, s: np.ndarray) -> np.ndarray:
-        """Share of calibration scores strictly below s, in percent."""
-        return 100.0 * np.searchsorted(self.scores, s, side="left") / self.n
-
-    def threshold(self, alpha: float) -> Optional[float]:
-        """Upper-tail threshold t: p(s) <= alpha exactly when s > t. None if n is too small for alpha."""
-        m = math.floor(alpha * (self.n + 1) + 1e-9) - 1  # most calibration scores allowed at or above s
-        if m < 0:
-            return None
-        return float(self.scores[self.n - m - 1]) if m < self.n else -math.inf
-
-    def lower_threshold(self, alpha: float) -> Optional[float]:
-        """Lower-tail threshold t: (1 + #{s_i <= s}) / (n + 1) <= alpha exactly when s < t. None if n is too small."""
-        m = math.floor(alpha * (self.n + 1) + 1e-9) - 1  # most calibration scores allowed at or below s
-        if m < 0:
-            return None
-        return float(self.scores[m]) if m < self.n else math.inf
 
 
 class UnknownScoreKind(InvalidInput):
@@ -93,28 +47,25 @@ class ScoreKinds:
     levels: int
 
     @classmethod
-    def from_metadata(cls, metadata: dict) -> "ScoreKinds":
+    def from_metadata(cls, metadata: Metadata) -> "ScoreKinds":
         """Kinds from ``scoring.kinds`` (older artifacts: ``nll`` only). A kind whose compressor this service
         cannot reproduce exactly is left out with a warning: its calibration would not match its scores."""
-        scoring = metadata.get("scoring") or {}
-        described = scoring.get("kinds") or {"nll": {"units": "nats", "complexity": None}}
         kinds = {}
-        for name, description in described.items():
-            spec = (description or {}).get("complexity")
+        for name, description in metadata.scoring.kinds.items():
+            spec = description.get("complexity")
             if spec is not None and not complexity.supports(spec):
                 log.warning("score kind %r needs compressor %r, which this service cannot reproduce; not offered",
                             name, spec)
                 continue
             kinds[name] = ScoreKind(name, spec["name"] if spec else None, Calibration.from_metadata(metadata, name),
-                                    dict(description or {}))
+                                    dict(description))
         if "nll" not in kinds:
             kinds["nll"] = ScoreKind("nll", None, Calibration.from_metadata(metadata, "nll"), {"units": "nats"})
-        default = scoring.get("default", "nll")
+        default = metadata.scoring.default
         if default not in kinds:
             log.warning("the artifact's default score %r is not available; using nll", default)
             default = "nll"
-        levels = int((metadata.get("pixels") or {}).get("levels", 256))
-        return cls(kinds, default, levels)
+        return cls(kinds, default, metadata.levels)
 
     def get(self, name: Optional[str]) -> ScoreKind:
         """The kind called ``name`` (None: the default); UnknownScoreKind (422) names the ones on offer."""
@@ -128,23 +79,12 @@ class ScoreKinds:
         return None if kind.compressor is None else complexity.compressed_bits(images, kind.compressor, self.levels)
 
 
-def importance_stats(log_w: np.ndarray) -> Dict[str, np.ndarray]:
-    """Standard error (delta method, nats) of log mean(w) and the effective sample size, per row of (N, K)."""
-    log_w = log_w.astype(np.float64)
-    w = np.exp(log_w - log_w.max(axis=1, keepdims=True))  # rescaled: both statistics are scale-free
-    k = log_w.shape[1]
-    mean = w.mean(axis=1)
-    se = w.std(axis=1, ddof=1) / (math.sqrt(k) * mean) if k > 1 else np.full(len(w), np.nan)
-    ess = w.sum(axis=1) ** 2 / (w**2).sum(axis=1)
-    return {"se": se, "ess": ess}
-
-
 def score_rows(outputs: Dict[str, np.ndarray], *, num_dims: int, calibration: Optional[Calibration],
                alpha: float, tail: str, k: int, complexity_bits: Optional[np.ndarray] = None) -> List[dict]:
     """One JSON-ready dict per image from the score kernel's outputs. With ``complexity_bits`` (the kind's
     compressed sizes) the score is nll - ln 2 * bits, else the NLL; ``calibration`` must be the same kind's."""
     nll = -outputs["iw_ll"].astype(np.float64)
-    score = nll if complexity_bits is None else nll - math.log(2.0) * complexity_bits
+    score = complexity.corrected(nll, complexity_bits)
     stats = importance_stats(outputs["log_w"])
     to_bits = 1.0 / (num_dims * math.log(2.0))
     rows: List[dict] = []
@@ -196,10 +136,5 @@ def _finite_or_none(value: float) -> Optional[float]:
     return float(value) if np.isfinite(value) else None
 
 
-def check_alpha(alpha: float) -> None:
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-
-
-__all__: Sequence[str] = ("Calibration", "ScoreKind", "ScoreKinds", "UnknownScoreKind", "importance_stats",
-                          "score_rows", "calibration_summary", "TAILS")
+__all__: Sequence[str] = ("Calibration", "ScoreKind", "ScoreKinds", "UnknownScoreKind", "score_rows",
+                          "calibration_summary")

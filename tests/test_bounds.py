@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from training.data import to_float
-from training.export import load_artifact
+from vae_artifact.io import load_artifact
 
 KS = (1, 4, 16, 64)
 

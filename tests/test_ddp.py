@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from training.export import load_artifact
+from vae_artifact.io import load_artifact
 
 
 def test_torchrun_two_processes_write_one_artifact(tmp_path):

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from training import export
-from training.export import ArtifactError, ServingModule, export_artifact, load_artifact
+from training.export import ArtifactError, ServingModule, export_artifact
 from training.model import VAE, VAEConfig
+from vae_artifact import io as artifact_io
+from vae_artifact.io import load_artifact
 
 
 def small_vae(likelihood: str) -> VAE:
@@ -34,12 +36,13 @@ def artifact(tmp_path_factory):
 def resave(src: Path, dst: Path, edit_meta=None, edit_module=None) -> Path:
     """Copy an artifact through torch.jit, optionally changing its metadata or its weights."""
     module, meta = load_artifact(src)
+    meta = meta.to_dict()
     if edit_meta:
         edit_meta(meta)
     if edit_module:
         edit_module(module)
-    with export.quiet_torchscript():
-        torch.jit.save(module, str(dst), _extra_files={export.METADATA_FILE: json.dumps(meta)})
+    with artifact_io.quiet_torchscript():
+        torch.jit.save(module, str(dst), _extra_files={"metadata.json": json.dumps(meta)})
     return dst
 
 
@@ -81,7 +84,7 @@ def test_metadata_schema(artifact):
     assert set(meta["methods"]) == {"encode", "decode", "score"}
     assert isinstance(meta["created"], str) and isinstance(meta["torch_version"], str)
     assert meta["data"] == {"name": "unit"}
-    assert meta["weights_sha256"] == export.weights_sha256(ServingModule(vae))
+    assert meta["weights_sha256"] == artifact_io.weights_sha256(ServingModule(vae))
     assert len(meta["weights_sha256"]) == 64
 
 

@@ -1,19 +1,25 @@
-"""Score kinds and the OOD evaluation: training's and the service's compressors agree, the calibration in the
-artifact is what the artifact's own ``score`` reproduces, and the metrics and CLI report what they claim."""
+"""Score kinds and the OOD evaluation: the contract's compressors count what the standard libraries count, the
+calibration in the artifact is what the artifact's own ``score`` reproduces, and the metrics and CLI report what
+they claim."""
 
+import bz2
+import io
 import json
 import math
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from service import complexity as service_complexity
-from training import complexity, ood
-from training.data import load_dataset
-from training.export import load_artifact
+from training import calibration, ood
+from training.data import load_dataset, to_8bit
 from training.model import VAE, VAEConfig
+from vae_artifact import complexity
+from vae_artifact.calibration import Calibration
+from vae_artifact.io import load_artifact
 
 DATASETS = Path("/work/shared/datasets")
 
@@ -21,7 +27,7 @@ DATASETS = Path("/work/shared/datasets")
 def real_images() -> dict:
     """8-bit images as a client sends them: sklearn digits always, MNIST / Fashion-MNIST when present."""
     digits = load_dataset("digits", seed=0)
-    sets = {"digits": ood.to_uint8(digits.test.images[:100], digits.levels)}
+    sets = {"digits": to_8bit(digits.test.images[:100], digits.levels)}
     for name in ("mnist", "fashion-mnist"):
         if (DATASETS / name).is_dir():
             sets[name] = load_dataset(f"idx:{DATASETS / name}", seed=0).test.images[:300]
@@ -30,16 +36,30 @@ def real_images() -> dict:
     return sets
 
 
+def independent_bytes(image: np.ndarray, compressor: str) -> int:
+    """The recorded recipe, written out with the standard libraries: raw C-order bytes, or a Pillow PNG."""
+    raw = np.ascontiguousarray(image).tobytes()
+    if compressor == "zlib":
+        return len(zlib.compress(raw, 9))
+    if compressor == "bz2":
+        return len(bz2.compress(raw, 9))
+    buf = io.BytesIO()
+    array = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
+    Image.fromarray(np.ascontiguousarray(array)).save(buf, format="PNG", compress_level=9, optimize=False)
+    return len(buf.getvalue())
+
+
 @pytest.mark.parametrize("compressor", complexity.COMPRESSORS)
-def test_training_and_service_compress_real_images_to_the_same_bits(compressor):
+def test_compressed_bits_are_the_recorded_recipe_on_real_images(compressor):
     for name, images in real_images().items():
         for levels in (256, 17, 2):
             ours = complexity.compressed_bits(images, compressor, levels)
-            theirs = service_complexity.compressed_bits(images, compressor, levels)
+            snapped = complexity.snap(images, levels)
+            theirs = [8 * independent_bytes(image, compressor) for image in snapped]
             np.testing.assert_array_equal(ours, theirs, err_msg=f"{compressor} on {name} at {levels} levels")
             assert (ours > 0).all() and (ours % 8 == 0).all()
-        assert service_complexity.supports(complexity.describe(compressor))
-    assert complexity.PARAMS == service_complexity.PARAMS
+        assert complexity.supports(complexity.describe(compressor))
+    assert not complexity.supports(dict(complexity.describe(compressor), params={"level": 1}))
 
 
 def test_snap_is_what_the_model_scores():
@@ -48,7 +68,6 @@ def test_snap_is_what_the_model_scores():
         vae = VAE(VAEConfig(height=16, width=16, likelihood=likelihood, levels=levels))
         expected = vae.quantize(torch.from_numpy(u8).float() / 255).mul(255).round().numpy()
         np.testing.assert_array_equal(complexity.snap(u8, levels), expected)
-        np.testing.assert_array_equal(service_complexity.snap(u8, levels), expected)
 
 
 def test_simple_images_compress_smaller():
@@ -61,11 +80,11 @@ def test_simple_images_compress_smaller():
 def test_kind_scores_subtract_the_code_length_in_nats():
     images = real_images()["digits"][:10]
     nll = np.linspace(50.0, 60.0, 10)
-    scores, bits = ood.kind_scores(nll, images, levels=17)
+    scores, bits = calibration.kind_scores(nll, images, levels=17)
     np.testing.assert_array_equal(scores["nll"], nll)
     for c in complexity.COMPRESSORS:
         np.testing.assert_allclose(scores[f"nll-minus-{c}"], nll - math.log(2) * bits[c])
-    assert ood.DEFAULT_KIND in ood.KINDS
+    assert calibration.DEFAULT_KIND in calibration.KINDS
 
 
 def test_detection_metrics_on_known_sets():
@@ -83,16 +102,16 @@ def test_detection_metrics_on_known_sets():
 def test_p_values_match_the_formula():
     cal = np.array([1.0, 2.0, 2.0, 3.0, 5.0])
     s = np.array([0.0, 2.0, 2.5, 6.0])
-    np.testing.assert_allclose(ood.conformal_p_values(cal, s), [(1 + 5) / 6, (1 + 4) / 6, (1 + 2) / 6, 1 / 6])
+    upper = Calibration.of(cal).p_values(s)
+    np.testing.assert_allclose(upper, [(1 + 5) / 6, (1 + 4) / 6, (1 + 2) / 6, 1 / 6])
     lower = np.array([1 / 6, (1 + 3) / 6, (1 + 3) / 6, 1.0])
-    np.testing.assert_allclose(ood.two_sided_p_values(cal, s),
-                               np.minimum(1, 2 * np.minimum(ood.conformal_p_values(cal, s), lower)))
+    np.testing.assert_allclose(Calibration.of(cal).p_values(s, "two-sided"), np.minimum(1, 2 * np.minimum(upper, lower)))
 
 
 def test_artifact_holds_every_kind_calibrated_on_the_calib_split(digits_artifact, digits_dataset):
     meta = load_artifact(digits_artifact)[1]
     scoring, calib = meta["scoring"], meta["calibration"]
-    assert set(scoring["kinds"]) == set(ood.KINDS) == set(calib["scores"]) and scoring["default"] == ood.DEFAULT_KIND
+    assert set(scoring["kinds"]) == set(calibration.KINDS) == set(calib["scores"]) and scoring["default"] == calibration.DEFAULT_KIND
     assert calib["k"] == scoring["k"] and calib["n"] == len(digits_dataset.calib)
     for kind, scores in calib["scores"].items():
         assert len(scores) == calib["n"] and scores == sorted(scores), kind
@@ -117,9 +136,9 @@ def test_evaluate_command_reports_every_kind_and_baseline(digits_artifact, tmp_p
     assert ood.main(["evaluate", "--model", str(digits_artifact), "--normal", "digits", "--holdout-class", "3",
                      "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert set(result["kinds"]) == set(ood.KINDS) and set(result["baselines"]) == {"size-png", "size-zlib", "size-bz2"}
+    assert set(result["kinds"]) == set(calibration.KINDS) and set(result["baselines"]) == {"size-png", "size-zlib", "size-bz2"}
     assert result["n_ood"] == int((load_dataset("digits").test.labels == 3).sum())
     for row in result["kinds"].values():
         assert 0 <= row["auroc"] <= 1 and 0 <= row["fpr_at_95_tpr"] <= 1 and 0 <= row["fpr_at_alpha_0.05"] <= 1
     printed = capsys.readouterr().out
-    assert "AUROC" in printed and f"{ood.DEFAULT_KIND} (default)" in printed
+    assert "AUROC" in printed and f"{calibration.DEFAULT_KIND} (default)" in printed

@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 
-from training import trainer
+from training import data, trainer
 from training.__main__ import main
 from training.data import Split, make_loader
 from training.distributed import DistContext
-from training.export import load_artifact
 from training.model import VAE, VAEConfig
+from vae_artifact.io import load_artifact
 
 CPU = DistContext(rank=0, world_size=1, device=torch.device("cpu"))
 
@@ -121,9 +121,9 @@ def test_minimal_cli_writes_artifact_report_and_figures(tmp_path, capsys):
 
 def test_binarisation_fixed_for_evaluation_fresh_for_training(digits_dataset):
     val = digits_dataset.val
-    once = trainer.binarize_once(val, digits_dataset.levels, seed=7)
+    once = data.binarize_once(val, digits_dataset.levels, seed=7)
     assert set(once.images.ravel().tolist()) <= {0, 1}
-    assert (once.images == trainer.binarize_once(val, digits_dataset.levels, seed=7).images).all()
+    assert (once.images == data.binarize_once(val, digits_dataset.levels, seed=7).images).all()
     # A pixel of intensity v/16 is on with probability v/16.
     assert abs(once.images.mean() - val.images.mean() / 16) < 0.02
 

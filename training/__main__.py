@@ -17,15 +17,12 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from training import distributed, evaluate, export, ood, trainer
-from training.data import Dataset, load_dataset, to_float
+from training import calibration, distributed, evaluate, export, trainer
+from training.data import SPLIT_SEED, Dataset, held_out_splits, load_dataset, to_8bit, to_float
 from training.model import VAE, VAEConfig, num_parameters
 
 log = logging.getLogger("training")
 
-SPLIT_SEED = 0  # fixed, not --seed: runs with different seeds are evaluated and calibrated on the same images
-NOISE_SEED = 0  # the scoring noise seed recorded in the artifact; the service uses the same
-BINARIZE_SEED = 1234  # the one fixed draw that binarises the val / calib / test splits
 REPORT_TEST_SCORES = 2000  # test images scored for the report's histogram: enough for its shape, bounded cost
 
 
@@ -64,7 +61,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     opt.add_argument("--resume", type=Path, default=None, metavar="CKPT", help="continue from this checkpoint")
     ev = p.add_argument_group("evaluation and output")
     ev.add_argument("--eval-k", type=_positive_int, default=1000, help="importance samples for the test NLL")
-    ev.add_argument("--score-k", type=_positive_int, default=ood.DEFAULT_K,
+    ev.add_argument("--score-k", type=_positive_int, default=calibration.DEFAULT_K,
                     help="importance samples per anomaly score (the service's K; see docs/anomaly.md)")
     ev.add_argument("--out", type=Path, default=Path("runs/vae.ts"), help="artifact path")
     ev.add_argument("--no-report", action="store_true", help="skip report.json and the figures")
@@ -113,11 +110,7 @@ def run(args: argparse.Namespace, ctx: distributed.DistContext) -> Optional[Dict
                           val_fraction=args.val_fraction, seed=SPLIT_SEED)
     except (ValueError, FileNotFoundError) as exc:  # bad --data / options: a message, not a traceback
         raise SystemExit(f"python -m training: error: {exc}") from exc
-    val, calib, test, eval_levels = ds.val, ds.calib, ds.test, ds.levels
-    if args.binarize:
-        val, calib, test = (trainer.binarize_once(s, ds.levels, BINARIZE_SEED + i)
-                            for i, s in enumerate((ds.val, ds.calib, ds.test)))
-        eval_levels = 2
+    val, calib, test, eval_levels = held_out_splits(ds, args.binarize)
     resume = trainer.load_checkpoint(args.resume) if args.resume else None
     config = train_config(args)
     if resume is not None and resume["train_config"] != asdict(config):
@@ -136,10 +129,11 @@ def run(args: argparse.Namespace, ctx: distributed.DistContext) -> Optional[Dict
     test_x = to_float(test.images, eval_levels)
     metrics = evaluate.test_metrics(vae, test_x, device, k=args.eval_k, seed=args.seed)
     # Every score kind of the calib split, computed as the service will: 8-bit images through ``score``.
-    scoring, calibration = ood.calibration_sections(
-        export.ServingModule(vae.eval()).score, ood.to_uint8(calib.images, eval_levels), k=args.score_k,
-        noise_seed=NOISE_SEED, latent_dim=vae.config.latent_dim, levels=vae.config.levels, device=device)
-    calib_scores = calibration["scores"]["nll"]
+    scoring, calibrated = calibration.calibration_sections(
+        export.ServingModule(vae.eval()).score, to_8bit(calib.images, eval_levels), k=args.score_k,
+        noise_seed=calibration.NOISE_SEED, latent_dim=vae.config.latent_dim, levels=vae.config.levels,
+        device=device)
+    calib_scores = calibrated["scores"]["nll"]
     last = result.history[-1] if result.history else {}
     meta = export.build_metadata(
         vae,
@@ -153,7 +147,7 @@ def run(args: argparse.Namespace, ctx: distributed.DistContext) -> Optional[Dict
                   "final": {k: v for k, v in last.items() if k.startswith(("train_", "val_"))}},
         evaluation=metrics,
         scoring=scoring,
-        calibration=calibration,
+        calibration=calibrated,
     )
     meta = export.export_artifact(vae, args.out, meta, check_x=test_x[:8])
     if not args.no_report:
@@ -161,7 +155,7 @@ def run(args: argparse.Namespace, ctx: distributed.DistContext) -> Optional[Dict
 
         vae.to(device)
         test_scores = evaluate.anomaly_scores(vae, test_x[:REPORT_TEST_SCORES], device, k=args.score_k,
-                                              noise_seed=NOISE_SEED)
+                                              noise_seed=calibration.NOISE_SEED)
         report.write_report(args.out.parent, meta, result.history, vae=vae, test_x=test_x, test_labels=test.labels,
                             test_mu=evaluate.posterior_means(vae, test_x, device), calib_scores=calib_scores,
                             test_scores=test_scores, seed=args.seed)

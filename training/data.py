@@ -27,6 +27,8 @@ SPEC_FORMS = ("digits", "idx:DIR", "folder:DIR", "npz:FILE")
 _IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
 _GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
 _IDX_UBYTE = 0x08  # the IDX dtype code for unsigned bytes; MNIST and Fashion-MNIST use nothing else
+SPLIT_SEED = 0  # fixed, not --seed: runs with different seeds are evaluated and calibrated on the same images
+BINARIZE_SEED = 1234  # the one fixed draw that binarises the val / calib / test splits (+0, +1, +2)
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,30 @@ def to_float(images: np.ndarray | torch.Tensor, levels: int) -> torch.Tensor:
         raise ValueError(f"levels must be >= 2, got {levels}")
     # Out of place on purpose: `.to` returns the input itself when it is already float32.
     return torch.as_tensor(images).to(torch.float32) / (levels - 1)
+
+
+def to_8bit(images: np.ndarray, levels: int) -> np.ndarray:
+    """Images stored at ``levels`` values (0 .. levels-1) -> the 8-bit images a client would send."""
+    if levels == 256:
+        return images.astype(np.uint8, copy=False)
+    return np.round(images.astype(np.float64) * (255.0 / (levels - 1))).astype(np.uint8)
+
+
+def binarize_once(split: Split, levels: int, seed: int) -> Split:
+    """Evaluation splits are binarised once, with a fixed seed, so every epoch sees the same {0, 1} images."""
+    probs = to_float(split.images, levels)
+    bits = torch.bernoulli(probs, generator=torch.Generator().manual_seed(seed))
+    return Split(bits.to(torch.uint8).numpy(), split.labels)
+
+
+def held_out_splits(dataset: Dataset, binarize: bool) -> tuple[Split, Split, Split, int]:
+    """(val, calib, test, levels) as a model trained on ``dataset`` is evaluated and calibrated: the splits
+    themselves, or for a binarised model each binarised once with its fixed seed, at 2 levels."""
+    splits = (dataset.val, dataset.calib, dataset.test)
+    if not binarize:
+        return (*splits, dataset.levels)
+    val, calib, test = (binarize_once(s, dataset.levels, BINARIZE_SEED + i) for i, s in enumerate(splits))
+    return val, calib, test, 2
 
 
 def make_loader(split: Split, levels: int, *, batch_size: int, shuffle: bool, seed: int,

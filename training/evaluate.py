@@ -16,6 +16,7 @@ from torch import Tensor
 from training import objectives
 from training.export import ServingModule
 from training.model import VAE, active_units
+from vae_artifact import noise
 
 # Rows (images x importance samples) per decoder call: bounds memory for any K (K=5000 runs in chunks).
 MAX_ROWS = 4096
@@ -137,22 +138,17 @@ def posterior_means(vae: VAE, x: Tensor, device: torch.device, batch_size: int =
         return torch.cat([vae.encode(vae.quantize(xb.to(device)))[0].cpu() for xb in _batches(x, batch_size)])
 
 
-def scoring_noise(k: int, latent_dim: int, noise_seed: int) -> Tensor:
-    """The service's noise for anomaly scores: (K, D) from a seeded CPU generator, shared by every row."""
-    return torch.randn((k, latent_dim), generator=torch.Generator("cpu").manual_seed(noise_seed))
-
-
 @torch.inference_mode()
 def anomaly_scores(vae: VAE, x: Tensor, device: torch.device, *, k: int, noise_seed: int = 0,
                    max_rows: int = MAX_ROWS) -> List[float]:
     """Anomaly score (-IW log-likelihood, nats) of every image, in order, computed exactly as the service
-    does: the exported ``score(x, eps)`` method with ``scoring_noise`` broadcast to (K, B, D)."""
+    does: the exported ``score(x, eps)`` method with the contract's noise for every row."""
     serving = ServingModule(vae)
-    eps = scoring_noise(k, vae.config.latent_dim, noise_seed).to(device)
+    eps = noise.scoring_noise(k, vae.config.latent_dim, noise_seed).to(device)
     scores: List[float] = []
     with _EvalMode(vae):
         for xb in _batches(x, max(1, max_rows // k)):
-            iw_ll = serving.score(xb.to(device), eps.unsqueeze(1).expand(k, xb.shape[0], eps.shape[1]))[0]
+            iw_ll = serving.score(xb.to(device), noise.for_rows(eps, xb.shape[0]))[0]
             scores.extend((-iw_ll).cpu().tolist())
     return scores
 
@@ -170,7 +166,7 @@ def main(argv: Optional[List[str]] = None) -> int:
               "       (the same as python -m training.ood evaluate ...; see python -m training.ood --help)",
               file=sys.stderr)
         return 2
-    from training import ood  # imports this module: load it only when asked
+    from training import ood  # sklearn and the data loaders load only for this command
 
     return ood.main(["evaluate", *argv[1:]])
 

@@ -1,6 +1,6 @@
 """Write the one artifact the service loads: a TorchScript module with metadata.json embedded.
 
-The artifact contract (DESIGN.md). Exported methods, all float32 on the module's device:
+The artifact contract (docs/architecture.md). Exported methods, all float32 on the module's device:
 - ``encode(x) -> (mu, logvar)``: x (B, C, H, W) in [0, 1]; the module itself snaps x onto the data's support
   (the pixel-level grid, or {0, 1} for a Bernoulli model), so callers only scale 8-bit pixels by 1/255.
 - ``decode(z) -> x``: z (B, D) -> pixel means (B, C, H, W) in [0, 1].
@@ -8,43 +8,29 @@ The artifact contract (DESIGN.md). Exported methods, all float32 on the module's
   Per row: the K-sample importance-weighted log-likelihood bound, the ELBO, its reconstruction and KL terms
   (all (B,), nats) and the log importance weights (K, B). Rows never mix, so the same row with the same noise
   gets the same numbers in any batch.
-``metadata.json`` is described by ``build_metadata``; ``FORMAT_VERSION`` bumps on incompatible changes.
+``metadata.json`` is described by ``build_metadata`` and checked, saved and loaded by the contract's own
+package (``vae_artifact``); this module only builds the serving module and proves it equals the eager model.
 """
 
-import hashlib
-import json
 import logging
-import os
-import warnings
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, Iterator, Tuple
+from typing import Any, Dict, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from training import objectives
 from training.model import VAE
+from vae_artifact.errors import ArtifactError
+from vae_artifact.io import load_artifact, quiet_torchscript, save_artifact
+from vae_artifact.metadata import FORMAT_VERSION, METHODS
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-METADATA_FILE = "metadata.json"
 # Scripted and eager kernels may fuse differently; this is far below one 8-bit pixel level (1/255 ~ 4e-3)
 # and below 1e-3 nats per image.
 ROUNDTRIP_ATOL = 1e-4
-
-METHODS = {
-    "encode": "encode(x: float32[B,C,H,W] in [0,1]) -> (mu: [B,D], logvar: [B,D])",
-    "decode": "decode(z: float32[B,D]) -> pixel means float32[B,C,H,W] in [0,1]",
-    "score": "score(x: float32[B,C,H,W], eps: float32[K,B,D] ~ N(0,I)) -> "
-    "(iw_log_likelihood[B], elbo[B], reconstruction[B], kl[B], log_weights[K,B]), nats",
-}
-
-
-class ArtifactError(RuntimeError):
-    """The artifact is missing, unreadable, or does not match the eager model."""
 
 
 class ServingModule(nn.Module):
@@ -71,27 +57,6 @@ class ServingModule(nn.Module):
         rec = log_px_z.t().contiguous().mean(dim=1)  # per row over K, the same whatever the batch size
         kl = objectives.kl_standard_normal(mu, logvar)
         return objectives.iw_bound(log_w), rec - kl, rec, kl, log_w
-
-
-@contextmanager
-def quiet_torchscript() -> Iterator[None]:
-    """TorchScript is deprecated from torch 2.11 on and warns on script/save/load; the design keeps it."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*TorchScript.*", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", message=r".*torch\.jit.*", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", message=r".*TorchScript.*", category=FutureWarning)
-        warnings.filterwarnings("ignore", message=r".*torch\.jit.*", category=FutureWarning)
-        yield
-
-
-def weights_sha256(module: nn.Module) -> str:
-    """sha256 over the state dict: per entry, sorted by name, the name, dtype, shape and raw bytes."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
 
 
 def build_metadata(vae: VAE, **sections: Any) -> Dict[str, Any]:
@@ -122,25 +87,20 @@ def build_metadata(vae: VAE, **sections: Any) -> Dict[str, Any]:
 
 
 def export_artifact(vae: VAE, path: Path, metadata: Dict[str, Any], check_x: Tensor) -> Dict[str, Any]:
-    """Script ``vae``, embed ``metadata`` (+ weights sha256), write ``path`` atomically, reload it and
-    compare every method with the eager model on ``check_x``. Raises ArtifactError on any mismatch."""
+    """Script ``vae``, save it with ``metadata`` (the contract adds the weights sha256), reload it and compare
+    every method with the eager model on ``check_x``. Returns the written metadata document; raises
+    ArtifactError on any mismatch."""
     vae = vae.eval().cpu()
     serving = ServingModule(vae).eval()
     with quiet_torchscript():
         scripted = torch.jit.script(serving)
-    meta = dict(metadata, weights_sha256=weights_sha256(scripted))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with quiet_torchscript():
-        torch.jit.save(scripted, str(tmp), _extra_files={METADATA_FILE: json.dumps(meta, indent=1, allow_nan=False)})
-    os.replace(tmp, path)  # readers never see a half-written artifact
+    written = save_artifact(scripted, path, metadata)
     reloaded, reloaded_meta = load_artifact(path)
-    if reloaded_meta != json.loads(json.dumps(meta)):
+    if reloaded_meta.to_dict() != written.to_dict():
         raise ArtifactError(f"{path}: metadata did not survive the round trip")
     max_diff = compare_with_eager(serving, reloaded, check_x.cpu())
     log.info("exported %s (max |scripted - eager| = %.2e)", path, max_diff)
-    return meta
+    return written.to_dict()
 
 
 @torch.inference_mode()
@@ -167,38 +127,4 @@ def compare_with_eager(eager: ServingModule, scripted: torch.jit.ScriptModule, x
     return worst
 
 
-def load_artifact(path: Path, map_location: str = "cpu") -> Tuple[torch.jit.ScriptModule, Dict[str, Any]]:
-    """Load and sanity-check an artifact; ArtifactError with the reason if it is unusable."""
-    path = Path(path)
-    if not path.is_file():
-        raise ArtifactError(f"{path}: no such artifact file")
-    extra = {METADATA_FILE: ""}
-    try:
-        with quiet_torchscript():
-            module = torch.jit.load(str(path), map_location=map_location, _extra_files=extra)
-    except Exception as exc:  # torch raises RuntimeError/ValueError/zipfile errors for damaged files
-        raise ArtifactError(f"{path}: not a readable TorchScript artifact ({type(exc).__name__}: {exc})") from exc
-    try:
-        meta = json.loads(extra[METADATA_FILE] or "null")
-    except ValueError as exc:
-        raise ArtifactError(f"{path}: metadata.json is not valid JSON ({exc})") from exc
-    if not isinstance(meta, dict) or "format_version" not in meta:
-        raise ArtifactError(f"{path}: no metadata.json with a format_version inside")
-    if meta["format_version"] > FORMAT_VERSION:
-        raise ArtifactError(
-            f"{path}: artifact format {meta['format_version']} is newer than this code understands ({FORMAT_VERSION})"
-        )
-    if meta.get("weights_sha256") != weights_sha256(module):
-        raise ArtifactError(f"{path}: weights do not match the sha256 recorded in its metadata")
-    return module, meta
-
-
-def artifact_bytes_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-__all__ = ["ArtifactError", "ServingModule", "build_metadata", "export_artifact", "load_artifact"]
+__all__ = ["ArtifactError", "ServingModule", "build_metadata", "compare_with_eager", "export_artifact"]

@@ -67,11 +67,6 @@ def discretized_logistic_log_prob(x: Tensor, loc: Tensor, log_scale: Tensor, lev
     return log_prob.flatten(1).sum(dim=1)
 
 
-def elbo_terms(log_px_z: Tensor, mu: Tensor, logvar: Tensor) -> Tuple[Tensor, Tensor]:
-    """(reconstruction log-likelihood, KL) per sample; ELBO = rec - KL."""
-    return log_px_z, kl_standard_normal(mu, logvar)
-
-
 def beta_vae_loss(rec: Tensor, kl_dims: Tensor, beta: float, free_bits: float) -> Tensor:
     """Mean over the batch of -(rec - beta * KL), the training loss (a per-sample mean, in nats).
 

@@ -1,18 +1,8 @@
-"""Anomaly score kinds, their calibration, and the out-of-distribution evaluation command.
+"""The out-of-distribution evaluation: how well each score kind separates normal from anomalous images.
 
-Score kinds (every one in nats, higher = more anomalous; the artifact lists them in ``scoring.kinds``):
-
-- ``nll``: -log p(x), the K-sample importance-weighted bound of the exported ``score`` method. Famously
-  fooled by simple inputs: a Fashion-MNIST model finds MNIST digits *more* likely than its own test data.
-- ``nll-minus-<compressor>``: -log p(x) - ln 2 * L(x), with L(x) the lossless compressed size of x in bits
-  (Serrà et al. 2020, "Input complexity and out-of-distribution detection with likelihood-based generative
-  models"). The compressor is a generic model of images, so the difference is a log-likelihood ratio: how
-  much *worse* the VAE explains x than a model of "any image" does. Simple images stop looking typical.
-
-Calibration (``calibration.scores[kind]``) holds every kind's scores of the held-out calib split, computed
-exactly as the service computes them: 8-bit images, x = u / 255, the artifact's ``score`` with the fixed
-noise ``randn((K, D), Generator('cpu').manual_seed(noise_seed))`` shared by every row, and the same
-compressor. The evaluation loads the written artifact and calls its ``score``, so it measures what is served.
+Every score kind of the artifact (``training.calibration``) and every model-free baseline on one table: AUROC,
+AUPRC, FPR at 95% TPR, and, with the artifact's own calibration, the false-positive rate at alpha on fresh
+normal images. The evaluation loads the written artifact and calls its ``score``, so it measures what is served.
 
     python -m training.evaluate ood --model runs/fashion/vae.ts --normal idx:DATA/fashion-mnist --ood idx:DATA/mnist
     python -m training.ood evaluate --model runs/mnist-no3/vae.ts --normal idx:DATA/mnist --holdout-class 3
@@ -23,94 +13,22 @@ compressor. The evaluation loads the written artifact and calls its ``score``, s
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from torch import Tensor
 
-from training import complexity
-from training.data import load_dataset
-from training.evaluate import scoring_noise
-from training.export import METADATA_FILE, load_artifact, quiet_torchscript
+from training.calibration import DEFAULT_KIND, KINDS, ScoreFn, kind_scores, model_scores, recalibrate
+from training.data import load_dataset, to_8bit
+from vae_artifact import complexity
+from vae_artifact.calibration import Calibration
+from vae_artifact.io import load_artifact
+from vae_artifact.metadata import Metadata
 
-# The default kind and K, chosen from the measurements in docs/anomaly.md (Fashion-MNIST -> MNIST).
-DEFAULT_KIND = "nll-minus-bz2"
-DEFAULT_K = 16
-KINDS: Dict[str, Optional[str]] = {"nll": None, **{f"nll-minus-{c}": c for c in complexity.COMPRESSORS}}
 ALPHAS = (0.01, 0.05)
-REFERENCE = ("Serrà et al. 2020, Input complexity and out-of-distribution detection with likelihood-based "
-             "generative models (ICLR)")
-NOISE = "torch.randn((K, D), generator=torch.Generator('cpu').manual_seed(noise_seed)) on CPU, shared by every row"
-MAX_ROWS = 2048  # images x K per call of score(): bounds memory for any K
-
-ScoreFn = Callable[[Tensor, Tensor], Tuple[Tensor, ...]]
-
-
-def describe_kind(kind: str) -> Dict:
-    """The artifact's ``scoring.kinds[kind]``: formula, units, and the compressor's exact parameters."""
-    compressor = KINDS[kind]
-    if compressor is None:
-        return {"formula": "-log p(x): K-sample importance-weighted bound", "units": "nats", "complexity": None}
-    return {"formula": f"-log p(x) - ln(2) * L(x), L(x) = {compressor} size of x in bits", "units": "nats",
-            "complexity": complexity.describe(compressor), "reference": REFERENCE}
-
-
-def to_uint8(images: np.ndarray, levels: int) -> np.ndarray:
-    """Images stored at ``levels`` values (0 .. levels-1) -> the 8-bit images a client would send."""
-    if levels == 256:
-        return images.astype(np.uint8, copy=False)
-    return np.round(images.astype(np.float64) * (255.0 / (levels - 1))).astype(np.uint8)
-
-
-@torch.inference_mode()
-def model_scores(score: ScoreFn, images: np.ndarray, *, k: int, noise_seed: int, latent_dim: int,
-                 device: torch.device = torch.device("cpu")) -> Dict[str, np.ndarray]:
-    """uint8 (N, C, H, W) -> per image nll, elbo, rec, kl (nats), se (nats) and ess, float64, from
-    ``score(x, eps)`` called as the service calls it: x = u / 255 and the fixed noise broadcast to (K, B, D)."""
-    noise = scoring_noise(k, latent_dim, noise_seed).to(device)
-    step = max(1, MAX_ROWS // k)
-    parts: List[Tensor] = []
-    for start in range(0, len(images), step):
-        x = torch.from_numpy(images[start:start + step]).to(device).float().div_(255.0)
-        iw, elbo, rec, kl, log_w = score(x, noise.unsqueeze(1).expand(k, x.shape[0], latent_dim))  # (K,D)->(K,B,D)
-        # The service's statistics of the K weights: delta-method SE of the NLL and the effective sample size.
-        w = torch.exp(log_w.double() - log_w.double().max(dim=0).values)  # (K, B), scale-free
-        se = w.std(dim=0) / (math.sqrt(k) * w.mean(dim=0)) if k > 1 else torch.full_like(iw, math.nan).double()
-        ess = w.sum(dim=0) ** 2 / (w**2).sum(dim=0)
-        parts.append(torch.stack([-iw.double(), elbo.double(), rec.double(), kl.double(), se, ess], dim=1).cpu())
-    out = torch.cat(parts).numpy() if parts else np.zeros((0, 6))
-    return {name: out[:, i] for i, name in enumerate(("nll", "elbo", "rec", "kl", "se", "ess"))}
-
-
-def kind_scores(nll: np.ndarray, images: np.ndarray, levels: int,
-                kinds: Sequence[str] = tuple(KINDS)) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
-    """({kind: score (N,)}, {compressor: bits (N,)}) for the images whose NLLs (nats) are ``nll``."""
-    bits = {c: complexity.compressed_bits(images, c, levels) for c in {KINDS[k] for k in kinds} - {None}}
-    scores = {kind: nll if KINDS[kind] is None else nll - math.log(2.0) * bits[KINDS[kind]] for kind in kinds}
-    return scores, bits
-
-
-def calibration_sections(score: ScoreFn, calib_images: np.ndarray, *, k: int, noise_seed: int, latent_dim: int,
-                         levels: int, device: torch.device = torch.device("cpu")) -> Tuple[Dict, Dict]:
-    """The artifact's ``scoring`` and ``calibration`` sections from the calib split (uint8, as served)."""
-    nll = model_scores(score, calib_images, k=k, noise_seed=noise_seed, latent_dim=latent_dim, device=device)["nll"]
-    scores, _ = kind_scores(nll, calib_images, levels)
-    scoring = {"k": k, "noise_seed": noise_seed, "noise": NOISE, "default": DEFAULT_KIND,
-               "kinds": {kind: describe_kind(kind) for kind in KINDS}}
-    calibration = {"split": "calib", "n": len(calib_images), "k": k,
-                   "scores": {kind: sorted(float(v) for v in s) for kind, s in scores.items()}}
-    return scoring, calibration
-
-
-def conformal_p_values(calib: np.ndarray, s: np.ndarray) -> np.ndarray:
-    """(1 + #{calib_i >= s}) / (n + 1): the service's upper-tail p-value, for the FPR check."""
-    calib = np.sort(calib)
-    return (1.0 + len(calib) - np.searchsorted(calib, s, side="left")) / (len(calib) + 1.0)
 
 
 def detection_metrics(normal: np.ndarray, ood: np.ndarray) -> Dict[str, float]:
@@ -124,14 +42,7 @@ def detection_metrics(normal: np.ndarray, ood: np.ndarray) -> Dict[str, float]:
             "fpr_at_95_tpr": float(fpr[np.searchsorted(tpr, 0.95, side="left")])}
 
 
-def two_sided_p_values(calib: np.ndarray, s: np.ndarray) -> np.ndarray:
-    """The service's typicality p-value: min(1, 2 min(upper, lower)) flags too-likely inputs as well."""
-    calib = np.sort(calib)
-    lower = (1.0 + np.searchsorted(calib, s, side="right")) / (len(calib) + 1.0)  # #{calib_i <= s}
-    return np.minimum(1.0, 2.0 * np.minimum(conformal_p_values(calib, s), lower))
-
-
-def evaluate_artifact(score: ScoreFn, meta: Dict, normal: np.ndarray, ood: np.ndarray) -> Dict:
+def evaluate_artifact(score: ScoreFn, meta: Metadata, normal: np.ndarray, ood: np.ndarray) -> Dict:
     """Every score kind and every model-free baseline on normal-test vs OOD-test uint8 images.
 
     Kinds: AUROC / AUPRC / FPR at 95% TPR, and with the artifact's calibration scores the false-positive rate
@@ -139,25 +50,23 @@ def evaluate_artifact(score: ScoreFn, meta: Dict, normal: np.ndarray, ood: np.nd
     Baselines ``size-<compressor>``: minus the compressed size alone (simpler = stranger, the direction that
     works for Fashion-MNIST -> MNIST; it is chosen knowing the OOD set, so it flatters the baseline).
     """
-    scoring, levels = meta["scoring"], int(meta["pixels"]["levels"])
-    k, latent_dim = int(scoring["k"]), int(meta["model"]["latent_dim"])
-    calib = (meta.get("calibration") or {}).get("scores") or {}
+    k, levels = meta.scoring.k, meta.levels
     started = time.perf_counter()
-    outs = [model_scores(score, x, k=k, noise_seed=int(scoring.get("noise_seed", 0)), latent_dim=latent_dim)
+    outs = [model_scores(score, x, k=k, noise_seed=meta.scoring.noise_seed, latent_dim=meta.latent_dim)
             for x in (normal, ood)]
     model_s = time.perf_counter() - started
     (s_n, bits_n), (s_o, bits_o) = (kind_scores(o["nll"], x, levels) for o, x in zip(outs, (normal, ood)))
     kinds: Dict[str, Dict] = {}
     for kind in KINDS:
         row = detection_metrics(s_n[kind], s_o[kind])
-        if kind in calib:
-            cal = np.asarray(calib[kind], dtype=np.float64)
-            p_n, p_o = conformal_p_values(cal, s_n[kind]), conformal_p_values(cal, s_o[kind])
+        cal = Calibration.from_metadata(meta, kind)
+        if cal is not None:
+            p_n, p_o = cal.p_values(s_n[kind]), cal.p_values(s_o[kind])
             for alpha in ALPHAS:
                 row[f"fpr_at_alpha_{alpha}"] = float(np.mean(p_n <= alpha))
                 row[f"tpr_at_alpha_{alpha}"] = float(np.mean(p_o <= alpha))
-            two = detection_metrics(-two_sided_p_values(cal, s_n[kind]), -two_sided_p_values(cal, s_o[kind]))
-            row["two_sided"] = two
+            row["two_sided"] = detection_metrics(-cal.p_values(s_n[kind], "two-sided"),
+                                                 -cal.p_values(s_o[kind], "two-sided"))
         kinds[kind] = row
     baselines = {f"size-{c}": detection_metrics(-bits_n[c], -bits_o[c]) for c in bits_n}
     compress_us = {}
@@ -165,8 +74,8 @@ def evaluate_artifact(score: ScoreFn, meta: Dict, normal: np.ndarray, ood: np.nd
         started = time.perf_counter()
         complexity.compressed_bits(normal[:2000], c, levels)
         compress_us[c] = 1e6 * (time.perf_counter() - started) / len(normal[:2000])
-    return {"k": k, "n_normal": len(normal), "n_ood": len(ood), "default": scoring.get("default", "nll"),
-            "n_calib": int((meta.get("calibration") or {}).get("n", 0)), "kinds": kinds, "baselines": baselines,
+    return {"k": k, "n_normal": len(normal), "n_ood": len(ood), "default": meta.scoring.default,
+            "n_calib": meta.calibration.n if meta.calibration else 0, "kinds": kinds, "baselines": baselines,
             "model_seconds": model_s, "images_per_s": (len(normal) + len(ood)) / model_s,
             "compress_us_per_image": compress_us,
             "mean_nll_nats": {"normal": float(outs[0]["nll"].mean()), "ood": float(outs[1]["nll"].mean())},
@@ -195,7 +104,7 @@ def _test_sets(args: argparse.Namespace) -> Tuple[np.ndarray, np.ndarray]:
     """(normal, OOD) test images as the 8-bit images a client would send."""
 
     ds = load_dataset(args.normal, seed=0)
-    normal = to_uint8(ds.test.images, ds.levels)
+    normal = to_8bit(ds.test.images, ds.levels)
     if args.holdout_class is not None:  # one source: its test images of class C are the OOD ones
         is_ood = ds.test.labels == args.holdout_class
         if not is_ood.any():
@@ -203,7 +112,7 @@ def _test_sets(args: argparse.Namespace) -> Tuple[np.ndarray, np.ndarray]:
         normal, ood = normal[~is_ood], normal[is_ood]
     else:
         other = load_dataset(args.ood, seed=0)
-        ood = to_uint8(other.test.images, other.levels)
+        ood = to_8bit(other.test.images, other.levels)
         if ood.shape[1:] != normal.shape[1:]:
             raise SystemExit(f"--ood images are {ood.shape[1:]}, --normal images {normal.shape[1:]}")
     return (normal[: args.limit], ood[: args.limit]) if args.limit else (normal, ood)
@@ -211,7 +120,7 @@ def _test_sets(args: argparse.Namespace) -> Tuple[np.ndarray, np.ndarray]:
 
 def cmd_evaluate(args: argparse.Namespace) -> Dict:
     module, meta = load_artifact(args.model)
-    classes = (meta.get("data") or {}).get("classes")
+    classes = (meta.document.get("data") or {}).get("classes")
     if args.holdout_class is not None and classes is not None and args.holdout_class in classes:
         print(f"warning: {args.model} was trained on class {args.holdout_class}", file=sys.stderr)
     normal, ood = _test_sets(args)
@@ -223,29 +132,9 @@ def cmd_evaluate(args: argparse.Namespace) -> Dict:
 
 def cmd_calibrate(args: argparse.Namespace) -> Dict:
     """Recompute every kind's calibration of an artifact from its own calib split and rewrite its metadata."""
-    from training import trainer
-    from training.__main__ import BINARIZE_SEED  # the CLI imports this module: import it only here
-
-    module, meta = load_artifact(args.model)
-    data = meta.get("data") or {}
-    ds = load_dataset(args.data or data["name"], classes=data.get("classes"), seed=int(data.get("split_seed", 0)))
-    calib, levels = ds.calib, ds.levels
-    if data.get("binarize"):
-        calib, levels = trainer.binarize_once(ds.calib, ds.levels, BINARIZE_SEED + 1), 2  # as python -m training
-    if len(calib) != data.get("n_calib", len(calib)):
-        raise SystemExit(f"calib split has {len(calib)} images, the artifact was calibrated on {data['n_calib']}")
-    k = args.k or int(meta.get("scoring", {}).get("k", DEFAULT_K))
-    scoring, calibration = calibration_sections(
-        module.score, to_uint8(calib.images, levels), k=k, noise_seed=int(meta.get("scoring", {}).get("noise_seed", 0)),
-        latent_dim=int(meta["model"]["latent_dim"]), levels=int(meta["pixels"]["levels"]))
-    meta = dict(meta, scoring=scoring, calibration=calibration)
-    out = args.out or args.model
-    tmp = Path(str(out) + ".tmp")
-    with quiet_torchscript():
-        torch.jit.save(module, str(tmp), _extra_files={METADATA_FILE: json.dumps(meta, indent=1, allow_nan=False)})
-    os.replace(tmp, out)
-    load_artifact(out)  # fails loudly if the rewritten artifact does not read back
-    print(f"{out}: calibrated {list(calibration['scores'])} on n={calibration['n']} with K={k}")
+    calibration = recalibrate(args.model, out=args.out, data=args.data, k=args.k)
+    print(f"{args.out or args.model}: calibrated {list(calibration['scores'])} on n={calibration['n']} "
+          f"with K={calibration['k']}")
     return calibration
 
 
@@ -255,7 +144,7 @@ def cmd_sweep_k(args: argparse.Namespace) -> Dict:
     cost, and AUROC of ``nll`` and the default kind against the OOD set (noise seed 0, as served)."""
     module, meta = load_artifact(args.model)
     normal, ood = _test_sets(args)
-    latent_dim, levels = int(meta["model"]["latent_dim"]), int(meta["pixels"]["levels"])
+    latent_dim, levels = meta.latent_dim, meta.levels
     few = normal[: args.repeat_images]
     rows = {}
     print(f"{'K':>5s} {'NLL':>9s} {'seed sd':>8s} {'SE mean':>8s} {'ESS':>6s} {'ms/img':>7s} {'cpu ms':>7s} "

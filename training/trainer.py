@@ -78,13 +78,6 @@ def seeded(device: torch.device, *key: int) -> torch.Generator:
     return torch.Generator(device).manual_seed(seed)
 
 
-def binarize_once(split: Split, levels: int, seed: int) -> Split:
-    """Evaluation splits are binarised once, with a fixed seed, so every epoch sees the same {0, 1} images."""
-    probs = to_float(split.images, levels)
-    bits = torch.bernoulli(probs, generator=torch.Generator().manual_seed(seed))
-    return Split(bits.to(torch.uint8).numpy(), split.labels)
-
-
 def make_train_loader(split: Split, levels: int, batch_size: int, seed: int,
                       ctx: DistContext) -> Tuple[DataLoader, DistributedSampler]:
     """Shuffled batches of this rank's shard, and the sampler to ``set_epoch`` on. DistributedSampler (also

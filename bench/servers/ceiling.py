@@ -17,7 +17,7 @@ from fastapi import FastAPI, Request, Response
 from starlette.datastructures import UploadFile
 
 from bench import common
-from service.scoring import Calibration
+from vae_artifact.calibration import Calibration
 
 JSON = "application/json"
 

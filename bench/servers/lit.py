@@ -34,7 +34,7 @@ class VAEAPI(ls.LitAPI):
         self.model_path, self.kernel, self.threads, self.stats = model_path, kernel, threads, stats
 
     def setup(self, device) -> None:
-        from service.scoring import Calibration
+        from vae_artifact.calibration import Calibration
 
         metadata = common.read_metadata(self.model_path)
         self.shape = common.model_shape(metadata)

@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from bench import common
-from service.scoring import Calibration
+from vae_artifact.calibration import Calibration
 
 JSON = "application/json"
 

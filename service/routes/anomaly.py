@@ -5,7 +5,6 @@ import asyncio
 from typing import Annotated, Literal, Optional
 
 from fastapi import APIRouter, Query, Request
-from service.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from service import scoring
@@ -13,6 +12,7 @@ from service.deps import CALL_HEADERS, Model, client_gone
 from service.errors import RequestTooLarge
 from service.inputs import IMAGE_BODY, read_images
 from service.routes.inference import ERRORS
+from service.responses import JSONResponse
 from service.schemas import AnomalyOut
 
 router = APIRouter(tags=["anomaly"], responses=ERRORS)

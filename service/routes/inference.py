@@ -5,13 +5,13 @@ from typing import Annotated, Literal, Optional
 
 import numpy as np
 from fastapi import APIRouter, Query, Request, Response
-from service.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from service import codecs, latent
 from service.deps import CALL_HEADERS, Model, client_gone
 from service.errors import RequestTooLarge
-from service.inputs import IMAGE_BODY, NPY, images_response, json_body, latents, read_images, read_json, wants_npy
+from service.inputs import IMAGE_BODY, json_body, latents, read_images, read_json
+from service.responses import NPY, JSONResponse, images_response, wants_npy
 from service.schemas import EncodeOut, ErrorResponse, ImagesOut, InterpolateIn, LatentsIn, SampleIn
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 500, 503)}

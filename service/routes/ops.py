@@ -43,7 +43,7 @@ async def model(state: State) -> JSONResponse:
     if state.runtime is None:
         return JSONResponse({"error": {"code": "not_ready", "message": "no model loaded"}}, status_code=503)
     info = state.runtime.info
-    meta = dict(state.runtime.metadata)
+    meta = state.runtime.metadata.to_dict()
     if isinstance(meta.get("calibration"), dict):
         meta["calibration"] = {k: v for k, v in meta["calibration"].items() if k != "scores"}
     return JSONResponse({

@@ -258,7 +258,7 @@ async def test_out_of_memory_splits_the_batch_and_gives_identical_results(digits
 
 
 async def test_scores_do_not_depend_on_the_batch_size(digits_artifact):
-    """DESIGN.md: scoring gives identical results for the same input, batched or not. A split after an out of
+    """docs/architecture.md: scoring gives identical results for the same input, batched or not. A split after an out of
     memory error, or simply a busy server, changes the size of the call a row is computed in."""
     rows = noise(16, seed=3)
     async with in_process(create_app(settings_for(digits_artifact))) as client:

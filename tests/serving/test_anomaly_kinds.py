@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from service import complexity
 from service.scoring import Calibration, ScoreKinds, UnknownScoreKind
-from training.export import load_artifact
 from training.model import VAE, VAEConfig
+from vae_artifact import complexity
+from vae_artifact.io import load_artifact
+from vae_artifact.metadata import Metadata
 
 NPY = "application/x-npy"
 KINDS = ("nll", "nll-minus-png", "nll-minus-zlib", "nll-minus-bz2")
@@ -128,13 +129,21 @@ def test_two_sided_thresholds_flag_exactly_the_small_p_values(n, alpha):
 
 
 def test_old_and_foreign_artifacts_offer_only_what_can_be_computed():
-    old = ScoreKinds.from_metadata({"calibration": {"k": 8, "scores": {"nll": [1.0, 2.0]}}, "scoring": {"k": 8}})
+    old = ScoreKinds.from_metadata(artifact_metadata(calibration={"k": 8, "scores": {"nll": [1.0, 2.0]}},
+                                                     scoring={"k": 8}))
     assert list(old.kinds) == ["nll"] and old.get(None).name == "nll" and old.get(None).calibration.n == 2
     with pytest.raises(UnknownScoreKind, match=r"\['nll'\]"):
         old.get("nll-minus-png")
     foreign = {"name": "zlib", "params": {"level": 6}}  # other parameters: its calibration would not match
-    meta = {"scoring": {"default": "nll-minus-zlib", "kinds": {"nll": {"complexity": None},
-                                                                "nll-minus-zlib": {"complexity": foreign}}},
-            "calibration": {"k": 4, "scores": {"nll": [1.0], "nll-minus-zlib": [0.5]}}, "pixels": {"levels": 17}}
+    meta = artifact_metadata(scoring={"default": "nll-minus-zlib", "kinds": {"nll": {"complexity": None},
+                                                                             "nll-minus-zlib": {"complexity": foreign}}},
+                             calibration={"k": 4, "scores": {"nll": [1.0], "nll-minus-zlib": [0.5]}},
+                             pixels={"levels": 17})
     kinds = ScoreKinds.from_metadata(meta)
     assert list(kinds.kinds) == ["nll"] and kinds.default == "nll" and kinds.levels == 17
+
+
+def artifact_metadata(**sections) -> Metadata:
+    """A format-1 document with only the model's shape besides ``sections`` (as old or foreign artifacts have)."""
+    model = {"image": {"channels": 1, "height": 8, "width": 8}, "latent_dim": 4}
+    return Metadata.from_dict({"format_version": 1, "model": model, **sections})

@@ -28,9 +28,19 @@ class Kernel:
         return {"y": rows * 2, "k": np.full(len(rows), params or 0)}
 
 
+class Runner:
+    """The batcher's view of a runtime: ``run`` is the fake kernel, every call holds at most ``rows`` rows."""
+
+    def __init__(self, kernel, rows):
+        self.run, self.rows = kernel, rows
+
+    def max_rows(self, kernel, params):
+        return self.rows
+
+
 def make(kernel, *, max_rows=8, delay=0.05, queue_limit=1000, workers=1):
-    return Batcher(kernel, kernels=("k",), max_rows=lambda kernel, params: max_rows, max_delay_s=delay,
-                   queue_limit=queue_limit, metrics=Metrics(), workers=workers)
+    return Batcher(Runner(kernel, max_rows), kernels=("k",), max_delay_s=delay, queue_limit=queue_limit,
+                   metrics=Metrics(), workers=workers)
 
 
 async def started(batcher):
@@ -108,8 +118,7 @@ async def test_workers_run_batches_side_by_side(workers):
         barrier.wait()
         return {"y": rows * 2}
 
-    batcher = await started(Batcher(kernel, kernels=("k",), max_rows=lambda k, p: 8, max_delay_s=0.0,
-                                    queue_limit=100, metrics=Metrics(), workers=workers))
+    batcher = await started(make(kernel, max_rows=8, delay=0.0, queue_limit=100, workers=workers))
     try:
         results = await asyncio.gather(batcher.submit("k", np.ones(2), params="a"),
                                        batcher.submit("k", np.ones(3), params="b"), return_exceptions=True)
@@ -196,9 +205,8 @@ async def test_stop_fails_queued_work_and_refuses_new_work():
 
 def test_rejects_bad_arguments():
     with pytest.raises(ValueError, match="max_delay_s"):
-        Batcher(Kernel(), kernels=("k",), max_rows=lambda k, p: 1, max_delay_s=-1, queue_limit=1, metrics=Metrics())
+        Batcher(Runner(Kernel(), 1), kernels=("k",), max_delay_s=-1, queue_limit=1, metrics=Metrics())
     with pytest.raises(ValueError, match="queue_limit"):
-        Batcher(Kernel(), kernels=("k",), max_rows=lambda k, p: 1, max_delay_s=0, queue_limit=0, metrics=Metrics())
+        Batcher(Runner(Kernel(), 1), kernels=("k",), max_delay_s=0, queue_limit=0, metrics=Metrics())
     with pytest.raises(ValueError, match="workers"):
-        Batcher(Kernel(), kernels=("k",), max_rows=lambda k, p: 1, max_delay_s=0, queue_limit=1, metrics=Metrics(),
-                workers=0)
+        Batcher(Runner(Kernel(), 1), kernels=("k",), max_delay_s=0, queue_limit=1, metrics=Metrics(), workers=0)

@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from service.scoring import Calibration, importance_stats
+from vae_artifact.calibration import Calibration, importance_stats
+from vae_artifact.metadata import Metadata
 
 
 def brute_p(cal, s):
@@ -75,7 +76,9 @@ def test_importance_stats_match_a_direct_computation():
 
 
 def test_calibration_comes_from_metadata():
-    meta = {"calibration": {"k": 8, "scores": {"nll": [3.0, 1.0, 2.0]}}}
+    model = {"image": {"channels": 1, "height": 8, "width": 8}, "latent_dim": 4}
+    meta = Metadata.from_dict({"format_version": 1, "model": model,
+                               "calibration": {"k": 8, "scores": {"nll": [3.0, 1.0, 2.0]}}})
     cal = Calibration.from_metadata(meta)
     assert cal.k == 8 and cal.scores.tolist() == [1.0, 2.0, 3.0]
-    assert Calibration.from_metadata({}) is None
+    assert Calibration.from_metadata(Metadata.from_dict({"format_version": 1, "model": model})) is None

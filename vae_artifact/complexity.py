@@ -1,19 +1,21 @@
 """Input complexity: the length of a lossless compression of an image, in bits (Serrà et al. 2020).
 
 A generic compressor is a model of "any image"; its code length L(x) is the input-complexity estimate that the
-complexity-corrected anomaly scores subtract from the VAE's NLL. The service computes the same numbers with
-its own copy of these functions (``service/complexity.py``: neither package may import the other);
-``tests/test_ood.py`` asserts the two agree to the bit on real images, and the artifact records each
-compressor's exact parameters and library version so a mismatch is visible.
+complexity-corrected anomaly scores subtract from the VAE's NLL: a score kind ``nll-minus-<compressor>`` is
+-log p(x) - ln 2 * L(x). Training (calibration) and the service (serving) both call these functions, so their
+byte counts agree by construction; the artifact records each compressor's exact parameters and library
+version (``describe``), and a reader offers a kind only when ``supports`` says it reproduces them.
 
 Both sides compress the same pixels: the 8-bit image the service receives, snapped onto the model's pixel
-levels (``snap``), so the compressor measures exactly the image the likelihood is computed for.
+levels (``snap``), so the compressor measures exactly the image the likelihood is computed for. CPU-bound:
+the service runs it in its thread pool, never on the event loop.
 """
 
 import bz2
 import io
+import math
 import zlib
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import numpy as np
 import PIL
@@ -76,3 +78,13 @@ def describe(compressor: str) -> Dict:
               + ("mode L (C=1) or RGB (C=3), H x W" if compressor == "png" else "raw C-order (C, H, W) bytes"))
     return {"name": compressor, "params": dict(PARAMS[compressor]), "library": library, "input": inputs,
             "units": "bits (8 x compressed bytes, headers included)"}
+
+
+def supports(spec: Optional[dict]) -> bool:
+    """Whether this code reproduces the compressor an artifact describes (same name, same parameters)."""
+    return isinstance(spec, dict) and spec.get("name") in _BYTES and spec.get("params") == PARAMS[spec["name"]]
+
+
+def corrected(nll: np.ndarray, bits: Optional[np.ndarray]) -> np.ndarray:
+    """The score of a kind: the NLL (nats) itself when ``bits`` is None, else nll - ln 2 * bits."""
+    return nll if bits is None else nll - math.log(2.0) * bits

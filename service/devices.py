@@ -1,0 +1,55 @@
+"""Where the model runs: the device, how many CPU cores this process may use, and how many model workers."""
+
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from vae_artifact.errors import ArtifactError
+
+
+class DeviceUnavailable(ArtifactError):
+    """The requested device does not exist here. An ArtifactError, so the CLI refuses it like an unusable
+    artifact: a message and exit status 2, never a half-started server."""
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity mask, lowered by a cgroup CPU quota (a container's limit)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = None
+    try:  # cgroup v2
+        limit, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        quota = None if limit == "max" else int(limit) / int(period)
+    except (OSError, ValueError):
+        try:  # cgroup v1
+            limit = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+            period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+            quota = limit / period if limit > 0 and period > 0 else None
+        except (OSError, ValueError):
+            pass
+    return max(1, min(cpus, math.ceil(quota))) if quota else max(1, cpus)
+
+
+def default_workers(device: torch.device) -> int:
+    """Model worker threads: one per usable CPU core (up to 8) on CPU, one per GPU."""
+    return 1 if device.type == "cuda" else min(8, available_cpus())
+
+
+def default_torch_threads(device: torch.device, workers: int) -> int:
+    """Intra-op threads per worker on CPU: the usable cores shared out between the workers."""
+    return max(1, available_cpus() // workers) if device.type == "cpu" else torch.get_num_threads()
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``; DeviceUnavailable otherwise."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceUnavailable(f"device {name!r} requested but CUDA is not available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceUnavailable(
+                f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return device

@@ -1,0 +1,163 @@
+"""metadata.json: the format version, the exported methods, and the schema as small typed values.
+
+``Metadata.from_dict`` is the one place a document is checked: every reader gets either a ``Metadata`` whose
+typed fields it can use without further checks, or ``ArtifactError`` saying what is wrong. Like starlette's
+``Headers``, a ``Metadata`` is also the read-only document itself (a ``Mapping``: ``meta["evaluation"]``):
+sections this code does not interpret (data, training, evaluation) travel with it unchanged, and a writer's
+sections round-trip exactly (``to_dict`` gives a mutable copy). Imports no torch.
+"""
+
+import json
+import math
+import zipfile
+from collections.abc import Mapping as MappingABC
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
+
+from vae_artifact.errors import ArtifactError
+
+FORMAT_VERSION = 1  # bump on incompatible changes; readers refuse newer versions
+METADATA_FILE = "metadata.json"  # the name inside the TorchScript zip's extra/ folder
+LIKELIHOODS = ("logistic", "bernoulli")
+DEFAULT_K = 16  # importance samples per anomaly score when an artifact does not say (docs/anomaly.md)
+# The exported TorchScript methods and their signatures (all float32 on the module's device).
+METHODS = {
+    "encode": "encode(x: float32[B,C,H,W] in [0,1]) -> (mu: [B,D], logvar: [B,D])",
+    "decode": "decode(z: float32[B,D]) -> pixel means float32[B,C,H,W] in [0,1]",
+    "score": "score(x: float32[B,C,H,W], eps: float32[K,B,D] ~ N(0,I)) -> "
+    "(iw_log_likelihood[B], elbo[B], reconstruction[B], kl[B], log_weights[K,B]), nats",
+}
+KERNELS = tuple(METHODS)
+
+
+@dataclass(frozen=True)
+class ImageShape:
+    channels: int
+    height: int
+    width: int
+
+    @property
+    def num_dims(self) -> int:
+        return self.channels * self.height * self.width
+
+
+@dataclass(frozen=True)
+class ScoringSection:
+    """``scoring``: how anomaly scores are computed (K importance samples, the noise seed, the kinds)."""
+
+    k: int
+    noise_seed: int
+    default: str
+    kinds: Mapping[str, Mapping[str, Any]]  # name -> description (formula, units, complexity spec or None)
+
+
+@dataclass(frozen=True)
+class CalibrationSection:
+    """``calibration``: every kind's scores of the held-out calib split, sorted, with the K used."""
+
+    n: int
+    k: int
+    scores: Mapping[str, Tuple[float, ...]]
+
+
+@dataclass(frozen=True, eq=False)  # equality is the Mapping's: the same document
+class Metadata(MappingABC):
+    format_version: int
+    image: ImageShape
+    latent_dim: int
+    likelihood: str
+    levels: int  # pixel levels of the data the model was trained on (256 for 8-bit, 2 when binarised)
+    scoring: ScoringSection
+    calibration: Optional[CalibrationSection]  # None: the artifact offers no p-values
+    weights_sha256: Optional[str]
+    created: str
+    document: Mapping[str, Any]  # the whole metadata.json, read-only
+
+    @classmethod
+    def from_dict(cls, document: Any, source: str = "artifact") -> "Metadata":
+        """Check a metadata.json document; ArtifactError naming ``source`` and the problem otherwise."""
+        if not isinstance(document, dict) or not isinstance(document.get("format_version"), int):
+            raise ArtifactError(f"{source}: no metadata.json with an integer format_version inside")
+        version = document["format_version"]
+        if version > FORMAT_VERSION:
+            raise ArtifactError(
+                f"{source}: artifact format {version} is newer than this code understands (format {FORMAT_VERSION} "
+                f"and older): newer than this service supports; upgrade it")
+        try:
+            model = document["model"]
+            image = ImageShape(_int(model["image"]["channels"]), _int(model["image"]["height"]),
+                               _int(model["image"]["width"]))
+            latent_dim = _int(model["latent_dim"])
+            levels = _int((document.get("pixels") or {}).get("levels", 256))
+            scoring = _scoring(document.get("scoring") or {})
+            calibration = _calibration(document.get("calibration"))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"{source}: metadata lacks or mangles a required field ({exc!r}); needs "
+                                "model.image.{channels,height,width} and model.latent_dim") from exc
+        likelihood = str(model.get("likelihood", "logistic"))
+        if likelihood not in LIKELIHOODS:
+            raise ArtifactError(f"{source}: unknown likelihood {likelihood!r}; known: {list(LIKELIHOODS)}")
+        if min(image.channels, image.height, image.width, latent_dim) < 1 or levels < 2:
+            raise ArtifactError(f"{source}: image {image}, latent_dim {latent_dim} and levels {levels} must be positive")
+        sha = document.get("weights_sha256")
+        return cls(format_version=version, image=image, latent_dim=latent_dim, likelihood=likelihood, levels=levels,
+                   scoring=scoring, calibration=calibration, weights_sha256=sha if isinstance(sha, str) else None,
+                   created=str(document.get("created", "unknown")), document=MappingProxyType(document))
+
+    def to_dict(self) -> Dict[str, Any]:
+        """A deep copy of the whole document (JSON types only)."""
+        return json.loads(json.dumps(dict(self.document)))
+
+    def __getitem__(self, key: str) -> Any:
+        return self.document[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.document)
+
+    def __len__(self) -> int:
+        return len(self.document)
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise ValueError(f"expected an integer, got {value!r}")
+    return int(value)
+
+
+def _scoring(section: Mapping[str, Any]) -> ScoringSection:
+    kinds = section.get("kinds") or {"nll": {"units": "nats", "complexity": None}}
+    if not isinstance(kinds, dict):
+        raise ValueError(f"scoring.kinds must be an object, got {type(kinds).__name__}")
+    k = _int(section.get("k", DEFAULT_K))
+    if k < 1:
+        raise ValueError(f"scoring.k must be >= 1, got {k}")
+    return ScoringSection(k=k, noise_seed=_int(section.get("noise_seed", 0)), default=str(section.get("default", "nll")),
+                   kinds=MappingProxyType({str(name): MappingProxyType(dict(d or {})) for name, d in kinds.items()}))
+
+
+def _calibration(section: Any) -> Optional[CalibrationSection]:
+    if not section or not section.get("scores"):
+        return None
+    scores = {}
+    for kind, values in section["scores"].items():
+        values = tuple(float(v) for v in values)
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError(f"calibration.scores[{kind!r}] has non-finite values")
+        scores[str(kind)] = tuple(sorted(values))
+    return CalibrationSection(n=_int(section.get("n", len(next(iter(scores.values()))))), k=_int(section.get("k", 0)),
+                       scores=MappingProxyType(scores))
+
+
+def read_metadata(path: Path) -> Metadata:
+    """The checked metadata of an artifact file, read from its zip without loading the model (or torch)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = next((n for n in archive.namelist() if n.endswith(f"extra/{METADATA_FILE}")), None)
+            if name is None:
+                raise ArtifactError(f"{path}: no embedded {METADATA_FILE}")
+            document = json.loads(archive.read(name))
+    except (OSError, zipfile.BadZipFile, ValueError) as exc:
+        raise ArtifactError(f"{path}: not a readable artifact ({type(exc).__name__}: {exc})") from exc
+    return Metadata.from_dict(document, str(path))
