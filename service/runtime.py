@@ -18,7 +18,7 @@ from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from service.devices import resolve_device
+from service.devices import pin_cpu_numerics, resolve_device
 from vae_artifact import noise
 from vae_artifact.errors import ArtifactError
 from vae_artifact.io import file_sha256, load_artifact
@@ -56,16 +56,17 @@ class ModelRuntime:
     how many rows share its call (bit for bit). On a GPU every call is zero-padded up to the smallest
     bucket that fits: few shapes, each warmed once. On CPU padding costs compute (17 rows padded to 64 cost
     64 rows), so a call runs at its exact size, padded only up to the smallest size from which this model
-    gives identical rows on this machine: small batches take other matrix-product kernels whose last bits
-    differ (below 4 rows, typically). ``warm_up`` measures that size per kernel by running the same rows at
-    many batch sizes; a kernel whose rows differ at any probed size from the smallest bucket up is padded to
-    the buckets instead, as on a GPU.
+    gives identical rows on this machine. ``warm_up`` measures that size per kernel by running the same rows
+    at every batch size up to the largest call. With MKL's strict reproducible mode (``devices.pin_cpu_numerics``)
+    matrix products do not depend on the batch size and that size is 1 or 2; without it, small batches take
+    other kernels whose last bits differ, and small calls are padded (up to 16 rows on AVX-512 machines).
     """
 
     def __init__(self, path: Path, *, device: str = "auto", buckets: Sequence[int] = (4, 16, 64),
                  max_score_decodes: Optional[int] = None, expected_sha256: Optional[str] = None) -> None:
         if not buckets or min(buckets) < 1:
             raise ValueError(f"buckets must be positive batch sizes, got {list(buckets)}")
+        pin_cpu_numerics()  # before the first matrix product of this process, which warm_up runs
         self.device = resolve_device(device)
         self.module, self.metadata = load_artifact(Path(path), self.device, expected_sha256=expected_sha256)
         meta: Metadata = self.metadata
@@ -114,8 +115,10 @@ class ModelRuntime:
             return iw, elbo, rec, kl, log_w.t()  # log_w (K, B) -> (B, K): rows first, like the rest
 
         exact_from = self.exact_from["score"]
-        if exact_from is not None:  # the K decodes of a row are a batch of K: a few rows reach the safe size
-            exact_from = max(exact_from, math.ceil(self.buckets[0] / k))
+        if exact_from is not None:  # measured at the calibration's K; a row's K decodes are a decode batch
+            exact_from = max(exact_from, math.ceil(self.exact_from["decode"] / k))
+            if not self.metadata.scoring.batch_invariant:  # an older score: one call size keeps a row's bits
+                exact_from = self.score_buckets(k)[-1]
         return self._calls(score, images, ("iw_ll", "elbo", "rec", "kl", "log_w"), self.score_buckets(k), exact_from)
 
     def score_buckets(self, k: int) -> List[int]:
@@ -145,31 +148,40 @@ class ModelRuntime:
         return time.perf_counter() - started
 
     def _probe_exact_sizes(self, k: int) -> None:
-        """Per kernel, the smallest batch size from which the same rows give the same bits at every probed
-        size up to the largest call; None (pad to buckets) when a size from the smallest bucket up differs."""
+        """Per kernel, the smallest batch size from which every row is bit-identical to the same row in the
+        largest call, checked at every size from 1 up (all rows, not just the first). Calls smaller than that
+        are padded up to it, so a row's bits never depend on its company or on how a batch was formed."""
         rng = np.random.default_rng(0)
         c, h, w, d = self.info.channels, self.info.height, self.info.width, self.info.latent_dim
         top = self.buckets[-1]
-        images = rng.integers(0, 256, size=(top, c, h, w), dtype=np.uint8)
         latents = rng.standard_normal((top, d)).astype(np.float32)
+        # Noise images and the model's own samples: a difference in summation order can hide on inputs whose
+        # importance weights one sample dominates (noise), and show on typical ones (many weigh in).
+        samples = np.round(self.decode(latents)["pixels"] * 255.0).astype(np.uint8)
+        noise = rng.integers(0, 256, size=(top, c, h, w), dtype=np.uint8)
+        images = np.where(np.arange(top)[:, None, None, None] % 2 == 0, samples, noise)
+
+        def score_in_calls_of(n: int) -> Dict[str, np.ndarray]:
+            # Every probe image at every call size: a summation order that differs only for some inputs
+            # (the K weights' log-sum-exp) gets many chances to show.
+            parts = [self.score(images[i:i + n], k) for i in range(0, top - top % n, n)]
+            return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
         calls = {
-            "encode": (lambda n: self.encode(images[:n])["mu"], top),
-            "decode": (lambda n: self.decode(latents[:n])["pixels"], top),
-            "score": (lambda n: self.score(images[:n], k)["log_w"], self.score_buckets(k)[-1]),
+            "encode": (lambda n: self.encode(images[:n]), top),
+            "decode": (lambda n: self.decode(latents[:n]), top),
+            "score": (score_in_calls_of, self.score_buckets(k)[-1]),
         }
         for kernel, (run, largest) in calls.items():
-            self.exact_from[kernel] = None
-            reference = run(largest)[:1]  # padded to a bucket: the established result
-            sizes = sorted({n for n in (1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 17, 24, 31, 32, 33, 48, 63, 64)
-                            if n < largest} | {max(1, largest - 1)})
             self.exact_from[kernel] = 1  # every probe at its exact size
-            differ = [n for n in sizes if not np.array_equal(run(n)[:1], reference)]
-            padded = any(n >= self.buckets[0] for n in differ)
-            if padded:
-                log.warning("%s: rows differ at batch sizes %s; padding every call to %s", kernel, differ,
-                            self.buckets)
-            self.exact_from[kernel] = None if padded else max(differ, default=0) + 1
-        log.info("exact-size batching from %s rows (None: padded to buckets %s)", self.exact_from, self.buckets)
+            reference = run(largest)
+            differ = [n for n in range(1, largest)
+                      if not all(np.array_equal(out, reference[name][:len(out)]) for name, out in run(n).items())]
+            if differ:
+                log.warning("%s: rows differ from the %d-row call at batch sizes %s; smaller calls are padded",
+                            kernel, largest, differ)
+            self.exact_from[kernel] = max(differ, default=0) + 1
+        log.info("exact-size batching from %s rows", self.exact_from)
 
     def gpu_memory(self) -> Dict[str, int]:
         if self.device.type != "cuda":

@@ -4,7 +4,12 @@ from pathlib import Path
 
 import pytest
 
+from service.devices import pin_cpu_numerics
 from training.data import Dataset, load_dataset
+
+# As the service does at start: the session trains models in this process before any app is created, and MKL
+# fixes its numerics at the process's first matrix product.
+pin_cpu_numerics()
 
 DIGITS_ARGS = ["--data", "digits", "--epochs", "12", "--eval-k", "64", "--score-k", "32", "--seed", "0",
                "--no-report", "--quiet"]

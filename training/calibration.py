@@ -79,7 +79,8 @@ def calibration_sections(score: ScoreFn, calib_images: np.ndarray, *, k: int, no
     nll = model_scores(score, calib_images, k=k, noise_seed=noise_seed, latent_dim=latent_dim, device=device)["nll"]
     scores, _ = kind_scores(nll, calib_images, levels)
     scoring = {"k": k, "noise_seed": noise_seed, "noise": noise.DESCRIPTION, "default": DEFAULT_KIND,
-               "kinds": {kind: describe_kind(kind) for kind in KINDS}}
+               "kinds": {kind: describe_kind(kind) for kind in KINDS},
+               "batch_invariant": True}  # training.export.ServingModule.score reduces over K per row
     calibration = {"split": "calib", "n": len(calib_images), "k": k,
                    "scores": {kind: sorted(float(v) for v in s) for kind, s in scores.items()}}
     return scoring, calibration

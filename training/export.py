@@ -54,9 +54,13 @@ class ServingModule(nn.Module):
     @torch.jit.export
     def score(self, x: Tensor, eps: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         log_w, log_px_z, mu, logvar = self.vae.importance_weights(self.vae.quantize(x), eps)
-        rec = log_px_z.t().contiguous().mean(dim=1)  # per row over K, the same whatever the batch size
+        # Reduce over K along contiguous (B, K) rows: each row is then reduced the same way whatever the batch
+        # size (a (K, 1) column takes another summation order than a column of (K, B)), so a row gets the same
+        # bits alone or in a batch.
+        rec = log_px_z.t().contiguous().mean(dim=1)
+        iw = objectives.iw_bound(log_w.t().contiguous(), dim=1)
         kl = objectives.kl_standard_normal(mu, logvar)
-        return objectives.iw_bound(log_w), rec - kl, rec, kl, log_w
+        return iw, rec - kl, rec, kl, log_w
 
 
 def build_metadata(vae: VAE, **sections: Any) -> Dict[str, Any]:

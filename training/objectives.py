@@ -84,9 +84,10 @@ def importance_log_weights(log_px_z: Tensor, z: Tensor, mu: Tensor, logvar: Tens
     return log_px_z + log_standard_normal(z) - log_normal(z, mu.unsqueeze(0), logvar.unsqueeze(0))
 
 
-def iw_bound(log_w: Tensor) -> Tensor:
-    """The K-sample importance-weighted bound (Burda et al. 2016): logsumexp_k log w_k - log K -> (B,)."""
-    return torch.logsumexp(log_w, dim=0) - math.log(log_w.shape[0])
+def iw_bound(log_w: Tensor, dim: int = 0) -> Tensor:
+    """The K-sample importance-weighted bound (Burda et al. 2016): logsumexp_k log w_k - log K, over the K
+    samples along ``dim`` (0 for (K, B) weights, 1 for (B, K) rows) -> (B,)."""
+    return torch.logsumexp(log_w, dim=dim) - math.log(log_w.shape[dim])
 
 
 def bits_per_dim(nll_nats: Tensor | float, num_dims: int) -> Tensor | float:

@@ -51,6 +51,10 @@ class ScoringSection:
     noise_seed: int
     default: str
     kinds: Mapping[str, Mapping[str, Any]]  # name -> description (formula, units, complexity spec or None)
+    # ``score`` reduces over K along contiguous rows, so a row's bits do not depend on how many rows share the
+    # call. Artifacts written before this field reduce over a (K, B) column, whose summation order changes
+    # with B: a reader must then call ``score`` at one fixed batch size to keep a row's bits.
+    batch_invariant: bool = False
 
 
 @dataclass(frozen=True)
@@ -134,7 +138,8 @@ def _scoring(section: Mapping[str, Any]) -> ScoringSection:
     if k < 1:
         raise ValueError(f"scoring.k must be >= 1, got {k}")
     return ScoringSection(k=k, noise_seed=_int(section.get("noise_seed", 0)), default=str(section.get("default", "nll")),
-                   kinds=MappingProxyType({str(name): MappingProxyType(dict(d or {})) for name, d in kinds.items()}))
+                          kinds=MappingProxyType({str(name): MappingProxyType(dict(d or {})) for name, d in kinds.items()}),
+                          batch_invariant=section.get("batch_invariant") is True)
 
 
 def _calibration(section: Any) -> Optional[CalibrationSection]:

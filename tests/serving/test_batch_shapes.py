@@ -1,5 +1,7 @@
 """The runtime's batch shapes on CPU: calls run at their exact size, yet rows never depend on their batch mates."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -48,26 +50,45 @@ def test_cpu_calls_run_at_their_exact_size(runtime):
 
 
 @pytest.mark.parametrize("kernel", ["encode", "decode", "score"])
-def test_rows_are_bit_identical_at_every_batch_size(runtime, kernel):
+def test_rows_are_bit_identical_at_every_batch_size(runtime, digit_images, kernel):
+    """Every batch size from 1 to the row limit, every row (real digits: the K weights' summation order shows
+    on typical inputs, not on noise)."""
     rng = np.random.default_rng(2)
-    images = rng.integers(0, 256, size=(70, 1, 8, 8), dtype=np.uint8)
+    images = np.concatenate([digit_images[:40], rng.integers(0, 256, size=(30, 1, 8, 8), dtype=np.uint8)])
     latents = rng.standard_normal((70, runtime.info.latent_dim)).astype(np.float32)
     run = {
         "encode": lambda n: runtime.encode(images[:n])["mu"],
         "decode": lambda n: runtime.decode(latents[:n])["pixels"],
-        "score": lambda n: runtime.score(images[:n], runtime.info.score_k)["log_w"],
+        "score": lambda n: np.column_stack([runtime.score(images[:n], runtime.info.score_k)[name]
+                                            for name in ("iw_ll", "elbo", "rec", "kl")]),
     }[kernel]
-    alone = run(1)[0]
-    sizes = range(2, 71) if kernel != "score" else range(2, 20)
-    differ = [n for n in sizes if not np.array_equal(run(n)[0], alone)]
-    assert not differ, f"row 0 of {kernel} changes with the batch size at {differ}"
+    limit = runtime.max_rows(kernel, runtime.info.score_k)
+    reference = run(limit)
+    differ = [n for n in range(1, limit + 1) if not np.array_equal(run(n), reference[:n])]
+    assert not differ, f"rows of {kernel} change with the batch size at {differ}"
 
 
-def test_a_kernel_whose_rows_depend_on_the_batch_size_is_padded_to_buckets(digits_artifact):
+def test_a_kernel_whose_rows_depend_on_the_batch_size_is_padded_up_to_where_they_agree(digits_artifact):
     runtime = ModelRuntime(digits_artifact, device="cpu")
     runtime.module = Recording(runtime.module, skew_encode_at={7})  # as if 7 rows took another kernel
     runtime.warm_up(rounds=1)
-    assert runtime.exact_from["encode"] is None and runtime.exact_from["decode"] is not None
+    assert runtime.exact_from["encode"] == 8
     runtime.module.sizes.clear()
-    runtime.encode(np.zeros((7, 1, 8, 8), np.uint8))
-    assert runtime.module.sizes == [("encode", 16)]  # padded to the bucket, where the rows are the established ones
+    for n in (1, 7, 9):
+        runtime.encode(np.zeros((n, 1, 8, 8), np.uint8))
+    assert runtime.module.sizes == [("encode", 8), ("encode", 8), ("encode", 9)]  # from 8 rows, the established bits
+
+
+def test_an_older_score_whose_rows_depend_on_the_batch_size_runs_at_one_size():
+    """A format-1 artifact written before ``scoring.batch_invariant``: its score reduces over a (K, B) column,
+    so every score call is padded to the same size; new artifacts score at the exact size."""
+    runtime = ModelRuntime(Path(__file__).parent.parent / "fixtures" / "vae_format1.ts", device="cpu")
+    assert not runtime.metadata.scoring.batch_invariant
+    runtime.module = Recording(runtime.module)
+    runtime.warm_up(rounds=1)
+    runtime.module.sizes.clear()
+    k = runtime.info.score_k
+    for n in (1, 2, 3):
+        runtime.score(np.zeros((n, 1, 8, 8), np.uint8), k)
+    cap = runtime.max_rows("score", k)
+    assert runtime.module.sizes == [("score", cap)] * 3
