@@ -32,9 +32,8 @@ class Settings(BaseSettings):
     # up to 8) on CPU, one on a GPU.
     model_workers: Optional[int] = Field(None, ge=1, le=64)
     # Batch shapes: on a GPU a batch is padded up to the smallest bucket that fits (each warmed at
-    # start-up); on CPU it runs at its exact size, padded only up to the smallest bucket. The smallest is
-    # 4, not 1: below 4 rows CPU matrix products take other kernels whose last bits differ, and rows must
-    # not depend on their batch mates.
+    # start-up); on CPU it runs at its exact size, padded only up to the size from which the warm-up found
+    # every row bit-identical to the largest call (service.runtime). The largest bucket is max_batch_rows.
     buckets: List[int] = Field(default_factory=lambda: [4, 16, 64])
     # A score row costs K decodes; one score call holds at most this many decoded images (default:
     # 128 on CPU, 4096 on a GPU).
