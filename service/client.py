@@ -90,7 +90,8 @@ class Samples:
 
 @dataclass
 class AnomalyResult:
-    """Arrays with one float64 entry per image; NaN where the server sent null (no calibration, say)."""
+    """Arrays with one float64 entry per image; NaN where the server sent null: p_value and percentile when
+    uncalibrated (no calibration of the kind, or ``k`` other than the calibration's K)."""
 
     score_nats: np.ndarray  # the requested score kind, higher = stranger; p_value and is_anomaly refer to it
     complexity_bits: np.ndarray  # compressed input size in bits for nll-minus-<compressor> kinds, else NaN
@@ -101,12 +102,12 @@ class AnomalyResult:
     elbo_nats: np.ndarray
     reconstruction_nats: np.ndarray
     kl_nats: np.ndarray
-    p_value: np.ndarray  # conformal p-value against the artifact's calibration scores
+    p_value: np.ndarray  # conformal p-value against the artifact's calibration scores; NaN when uncalibrated
     percentile: np.ndarray
-    is_anomaly: Optional[np.ndarray]  # bool (p_value <= alpha); None without calibration
+    is_anomaly: Optional[np.ndarray]  # bool (p_value <= alpha); None when uncalibrated
     score: str  # the score kind: nll, or nll-minus-<compressor>
     k: int  # importance samples used
-    calibration: Dict[str, Any]  # calibrated, n, k, alpha, tail, threshold_nats
+    calibration: Dict[str, Any]  # calibrated, n, k (the calibration's), alpha, tail, threshold_nats
 
 
 # AnomalyResult's per-image float columns: what _anomaly reads from every row of the response.
@@ -329,8 +330,9 @@ class _Operations:
 
     def anomaly_score(self, images: Images, *, k: Optional[int] = None, alpha: float = 0.01, tail: str = "upper",
                       score: Optional[str] = None):
-        """Images -> ``AnomalyResult``; ``k`` defaults to the calibration's K, ``tail`` is upper or two-sided,
-        ``score`` a kind from ``model_info()["metadata"]["scoring"]["kinds"]`` (default: the artifact's)."""
+        """Images -> ``AnomalyResult``; ``k`` defaults to the calibration's K (another K: no p-values), ``tail``
+        is upper or two-sided, ``score`` a kind from ``model_info()["metadata"]["scoring"]["kinds"]`` (default:
+        the artifact's)."""
         params = {"alpha": alpha, "tail": tail, **({} if k is None else {"k": k}),
                   **({} if score is None else {"score": score})}
         return self._send(_Call("POST", "/anomaly-score", {"params": params, **_image_body(images)}, _anomaly))

@@ -68,15 +68,19 @@ class AnomalyRow(BaseModel):
     elbo_nats: float
     reconstruction_nats: float
     kl_nats: float
-    p_value: Optional[float] = Field(description="Conformal p-value against the artifact's calibration scores.")
-    percentile: Optional[float]
-    is_anomaly: Optional[bool]
+    p_value: Optional[float] = Field(description="Conformal p-value against the artifact's calibration scores; null "
+                                                 "when uncalibrated (see calibration.calibrated).")
+    percentile: Optional[float] = Field(description="Share of calibration scores below score_nats, in percent; null "
+                                                    "when uncalibrated.")
+    is_anomaly: Optional[bool] = Field(description="p_value <= alpha; null when uncalibrated.")
 
 
 class CalibrationOut(BaseModel):
-    calibrated: bool = Field(description="False when the artifact has no calibration or K differs from its K.")
-    n: int
-    k: Optional[int]
+    calibrated: bool = Field(description="False when the artifact has no calibration of this score kind, or the "
+                                         "request's k differs from the calibration's K (scores at another K are "
+                                         "not comparable: p_value, percentile, is_anomaly and thresholds are null).")
+    n: int = Field(description="Calibration scores (held-out normal images); 0 without calibration.")
+    k: Optional[int] = Field(description="The calibration's K: the only k that gets p-values.")
     alpha: float
     tail: Literal["upper", "two-sided"]
     threshold_nats: Optional[float] = Field(description="is_anomaly when score_nats > this (two-sided: at alpha / 2).")

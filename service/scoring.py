@@ -79,10 +79,20 @@ class ScoreKinds:
         return None if kind.compressor is None else complexity.compressed_bits(images, kind.compressor, self.levels)
 
 
+def applies(calibration: Optional[Calibration], k: int) -> bool:
+    """Whether scores made with ``k`` importance samples may be compared with ``calibration``. The bound
+    tightens with K (lower NLL on average), so scores at another K are not exchangeable with the calibration
+    scores and their p-values would be biased (too high for K above the calibration's): none are given."""
+    return calibration is not None and calibration.k == k
+
+
 def score_rows(outputs: Dict[str, np.ndarray], *, num_dims: int, calibration: Optional[Calibration],
                alpha: float, tail: str, k: int, complexity_bits: Optional[np.ndarray] = None) -> List[dict]:
-    """One JSON-ready dict per image from the score kernel's outputs. With ``complexity_bits`` (the kind's
-    compressed sizes) the score is nll - ln 2 * bits, else the NLL; ``calibration`` must be the same kind's."""
+    """One JSON-ready dict per image from the score kernel's outputs (made with ``k`` samples). With
+    ``complexity_bits`` (the kind's compressed sizes) the score is nll - ln 2 * bits, else the NLL;
+    ``calibration`` must be the same kind's. p_value, percentile and is_anomaly are None unless it applies."""
+    if not applies(calibration, k):
+        calibration = None
     nll = -outputs["iw_ll"].astype(np.float64)
     score = complexity.corrected(nll, complexity_bits)
     stats = importance_stats(outputs["log_w"])
@@ -112,29 +122,26 @@ def score_rows(outputs: Dict[str, np.ndarray], *, num_dims: int, calibration: Op
 
 
 def calibration_summary(calibration: Optional[Calibration], alpha: float, tail: str, k: int) -> dict:
-    """The thresholds behind is_anomaly: score > threshold_nats, or (two-sided) score < threshold_low_nats."""
-    if calibration is None:
-        return {"calibrated": False, "n": 0, "k": None, "alpha": alpha, "tail": tail, "threshold_nats": None,
-                "threshold_low_nats": None}
+    """The thresholds behind is_anomaly: score > threshold_nats, or (two-sided) score < threshold_low_nats.
+    Uncalibrated (no calibration, or ``k`` is not its K): no thresholds; n and k still describe the calibration,
+    so a client learns which K would get p-values."""
+    summary = {"calibrated": applies(calibration, k), "n": 0 if calibration is None else calibration.n,
+               "k": None if calibration is None else calibration.k, "alpha": alpha, "tail": tail,
+               "threshold_nats": None, "threshold_low_nats": None}
+    if not summary["calibrated"]:
+        return summary
     if tail == "upper":
         threshold, low = calibration.threshold(alpha), None
     else:  # p = min(1, 2 min(upper, lower)) <= alpha exactly when one tail's p-value is <= alpha / 2
         threshold, low = calibration.threshold(alpha / 2), calibration.lower_threshold(alpha / 2)
-    return {
-        # p-values are exact only for scores computed like the calibration ones, i.e. with the same K.
-        "calibrated": k == calibration.k,
-        "n": calibration.n,
-        "k": calibration.k,
-        "alpha": alpha,
-        "tail": tail,
-        "threshold_nats": threshold if threshold is None or math.isfinite(threshold) else None,
-        "threshold_low_nats": low if low is None or math.isfinite(low) else None,
-    }
+    summary.update(threshold_nats=threshold if threshold is None or math.isfinite(threshold) else None,
+                   threshold_low_nats=low if low is None or math.isfinite(low) else None)
+    return summary
 
 
 def _finite_or_none(value: float) -> Optional[float]:
     return float(value) if np.isfinite(value) else None
 
 
-__all__: Sequence[str] = ("Calibration", "ScoreKind", "ScoreKinds", "UnknownScoreKind", "score_rows",
-                          "calibration_summary")
+__all__: Sequence[str] = ("Calibration", "ScoreKind", "ScoreKinds", "UnknownScoreKind", "applies",
+                          "score_rows", "calibration_summary")

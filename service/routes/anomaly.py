@@ -21,7 +21,8 @@ router = APIRouter(tags=["anomaly"], responses=ERRORS)
 @router.post("/anomaly-score", response_model=AnomalyOut, openapi_extra=IMAGE_BODY | CALL_HEADERS)
 async def anomaly_score(
     request: Request, call: Model,
-    k: Annotated[Optional[int], Query(ge=1, description="Importance samples; default: the calibration's K.")] = None,
+    k: Annotated[Optional[int], Query(ge=1, description="Importance samples; default: the calibration's K. "
+                                                        "Another K gets no p-values (calibrated: false).")] = None,
     alpha: Annotated[float, Query(gt=0.0, lt=1.0, description="Level: is_anomaly when p_value <= alpha.")] = 0.01,
     tail: Annotated[Literal["upper", "two-sided"], Query(description="two-sided also flags too-likely inputs.")] = "upper",
     score: Annotated[Optional[str], Query(description="Score kind: nll, or nll-minus-<compressor> (NLL corrected by "

@@ -203,7 +203,9 @@ async def test_anomaly_score(vae, digits: np.ndarray):
     again = await call(vae.anomaly_score(digits))
     np.testing.assert_array_equal(again.nll_nats, normal.nll_nats)  # scoring noise is seeded
     other_k = await call(vae.anomaly_score(digits[:1], k=8, tail="two-sided"))
-    assert other_k.k == 8 and other_k.calibration["calibrated"] is False
+    assert other_k.k == 8 and other_k.calibration["calibrated"] is False and other_k.calibration["k"] == 32
+    assert np.isnan(other_k.p_value).all() and np.isnan(other_k.percentile).all() and other_k.is_anomaly is None
+    assert np.isfinite(other_k.score_nats).all()
     plain = await call(vae.anomaly_score(digits, score="nll"))  # the score kind the p-values refer to
     assert plain.score == "nll" and np.isnan(plain.complexity_bits).all()
     np.testing.assert_array_equal(plain.score_nats, plain.nll_nats)

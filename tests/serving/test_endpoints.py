@@ -2,6 +2,7 @@
 
 import base64
 import io
+import math
 
 import numpy as np
 import pytest
@@ -190,8 +191,22 @@ def test_score_fields_are_consistent(client, digit_images):
         assert -row["elbo_nats"] >= row["nll_nats"] - 1e-3  # the IW bound is at least the ELBO
         assert 0 < row["p_value"] <= 1 and 1 <= row["ess"] <= 32
         assert row["is_anomaly"] == (row["score_nats"] > cal["threshold_nats"]) == (row["p_value"] <= 0.05)
-    other_k = score(client, digit_images[:2], "k=64")
-    assert other_k["k"] == 64 and other_k["calibration"]["calibrated"] is False
+
+
+@pytest.mark.parametrize("tail", ["upper", "two-sided"])
+def test_another_k_than_the_calibrations_gets_no_p_values(client, digit_images, tail):
+    """More samples tighten the bound (lower NLL), so p-values against K=32 calibration scores would be biased:
+    the response says uncalibrated and leaves every calibrated field null, while the scores themselves stay."""
+    body = score(client, digit_images[:4], f"k=64&tail={tail}")
+    cal = body["calibration"]
+    assert body["k"] == 64 and cal["calibrated"] is False and cal["k"] == 32 and cal["n"] > 100
+    assert cal["threshold_nats"] is None and cal["threshold_low_nats"] is None
+    for row in body["scores"]:
+        assert row["p_value"] is None and row["percentile"] is None and row["is_anomaly"] is None
+        assert math.isfinite(row["score_nats"]) and math.isfinite(row["nll_nats"])
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    assert "k differs" in schemas["CalibrationOut"]["properties"]["calibrated"]["description"]
+    assert "uncalibrated" in schemas["AnomalyRow"]["properties"]["p_value"]["description"]
 
 
 @pytest.mark.parametrize("query, status", [("k=0", 422), ("k=257", 413), ("alpha=0", 422), ("alpha=1.5", 422),

@@ -82,3 +82,24 @@ def test_calibration_comes_from_metadata():
     cal = Calibration.from_metadata(meta)
     assert cal.k == 8 and cal.scores.tolist() == [1.0, 2.0, 3.0]
     assert Calibration.from_metadata(Metadata.from_dict({"format_version": 1, "model": model})) is None
+
+
+def test_scores_at_another_k_than_the_calibrations_are_not_calibrated():
+    """Rows and summary of the service's pure functions: a K other than the calibration's nulls every field that
+    compares with the calibration scores; the same K fills them."""
+    from service.scoring import calibration_summary, score_rows
+
+    rng = np.random.default_rng(0)
+    outputs = {"iw_ll": -rng.uniform(90, 110, 3), "elbo": -rng.uniform(110, 120, 3), "rec": -rng.uniform(80, 90, 3),
+               "kl": rng.uniform(20, 30, 3), "log_w": rng.normal(-100, 1, (3, 8))}
+    cal = Calibration(np.sort(rng.normal(100, 5, 200)), k=8)
+    for tail in ("upper", "two-sided"):
+        same = score_rows(outputs, num_dims=64, calibration=cal, alpha=0.05, tail=tail, k=8)
+        other = score_rows(outputs, num_dims=64, calibration=cal, alpha=0.05, tail=tail, k=16)
+        assert all(r["p_value"] is not None and r["is_anomaly"] is not None for r in same)
+        assert all(r["p_value"] is None and r["percentile"] is None and r["is_anomaly"] is None for r in other)
+        assert [r["score_nats"] for r in other] == [r["score_nats"] for r in same]
+        summary = calibration_summary(cal, 0.05, tail, 16)
+        assert summary["calibrated"] is False and (summary["n"], summary["k"]) == (200, 8)
+        assert summary["threshold_nats"] is None and summary["threshold_low_nats"] is None
+        assert calibration_summary(cal, 0.05, tail, 8)["threshold_nats"] is not None
