@@ -1,39 +1,19 @@
-"""``python -m service`` / ``vae-serve``: check the artifact, then serve it with uvicorn."""
+"""``python -m service`` / ``vae-serve``: serve the artifact, in one process or in several behind one port.
+
+The supervisor of several processes (``service.processes``) imports neither torch nor the app: each child
+loads the model itself (``service.serve``).
+"""
 
 import argparse
-import logging
-import signal
 import sys
+import tempfile
+from functools import partial
+from pathlib import Path
 from typing import List, Optional
 
-import uvicorn
 from pydantic import ValidationError
 
-from service.app import create_app
 from service.config import Settings
-from service.runtime import ArtifactError, ModelRuntime
-
-log = logging.getLogger("service")
-
-
-class _DrainingServer(uvicorn.Server):
-    """On SIGTERM/SIGINT, readiness turns 503 before uvicorn stops accepting and drains in-flight requests."""
-
-    def __init__(self, config: uvicorn.Config, state) -> None:
-        super().__init__(config)
-        self._state = state
-
-    def run(self, sockets=None) -> None:
-        # uvicorn re-raises the signal it caught once shutdown is done, which would turn a clean drain
-        # into exit status 143; with no-op handlers restored instead, main() returns 0.
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: None)
-        super().run(sockets)
-
-    def handle_exit(self, sig, frame) -> None:
-        self._state.draining = True
-        self._state.metrics.ready.set(0)
-        super().handle_exit(sig, frame)
 
 
 def parse_args(argv: Optional[List[str]]) -> dict:
@@ -47,6 +27,7 @@ def parse_args(argv: Optional[List[str]]) -> dict:
     parser.add_argument("--batch-delay-ms", type=float)
     parser.add_argument("--queue-limit", type=int)
     parser.add_argument("--log-level")
+    parser.add_argument("--processes", type=int, help="server processes behind the port (VAE_PROCESSES)")
     args = parser.parse_args(argv)
     return {k: v for k, v in vars(args).items() if v is not None}
 
@@ -58,19 +39,30 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValidationError as exc:
         print(f"vae-serve: invalid settings:\n{exc}", file=sys.stderr)
         return 2
+    if settings.server_processes() == 1:
+        from service.serve import serve
+
+        return serve(settings)
+    return _supervise(settings)
+
+
+def _supervise(settings: Settings) -> int:
+    import logging
+    import os
+
+    from service import processes
+    from service.serve import serve_child
+
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        runtime = ModelRuntime(settings.model_path, device=settings.device, buckets=settings.buckets,
-                               max_score_decodes=settings.max_score_decodes, expected_sha256=settings.expected_sha256)
-    except ArtifactError as exc:
-        print(f"vae-serve: cannot serve this model: {exc}", file=sys.stderr)
-        return 2
-    log.info("loaded %s on %s (sha256 %s)", settings.model_path, runtime.device, runtime.info.sha256[:12])
-    app = create_app(settings, runtime=runtime)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=settings.grace_period_s, access_log=False)
-    _DrainingServer(config, app.state.service).run()
-    return 0
+    with tempfile.TemporaryDirectory(prefix="vae-metrics-") as metrics_dir:
+        # prometheus-client's multiprocess mode: every child writes its values here and /metrics sums them.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        count = settings.server_processes()
+        child_settings = settings.model_copy(update={"metrics_dir": Path(metrics_dir), "processes": count})
+        sock = processes.bind(settings.host, settings.port)
+        supervisor = processes.Supervisor(partial(serve_child, child_settings), sock, count,
+                                          grace_s=settings.grace_period_s, metrics_dir=Path(metrics_dir))
+        return supervisor.run()
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 def create_app(settings: Optional[Settings] = None, runtime: Optional[ModelRuntime] = None) -> FastAPI:
     """Build the app. Pass ``runtime`` to reuse an already loaded artifact (the CLI does, to fail fast)."""
     settings = settings or Settings()
-    state = ServiceState(settings=settings, metrics=Metrics(), runtime=runtime)
+    state = ServiceState(settings=settings, metrics=Metrics(multiprocess_dir=settings.metrics_dir), runtime=runtime)
     # FastAPIOffline serves the Swagger UI assets itself: /docs works with no internet access.
     app = FastAPIOffline(
         title="VAE inference service",
@@ -65,8 +65,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     state.image_spec = ImageSpec(info.channels, info.height, info.width, max_pixels=settings.max_pixels)
     state.score_kinds = ScoreKinds.from_metadata(runtime.metadata)
     state.metrics.model_info.labels(info.version, info.sha256, str(runtime.device)).set(1)
-    workers = settings.model_workers or default_workers(runtime.device)
-    torch.set_num_threads(settings.torch_threads or default_torch_threads(runtime.device, workers))
+    processes = settings.processes or 1  # this process's share of the machine (service.processes)
+    workers = settings.model_workers or default_workers(runtime.device, processes)
+    torch.set_num_threads(settings.torch_threads or default_torch_threads(runtime.device, workers, processes))
     state.batcher = Batcher(runtime, kernels=KERNELS, max_delay_s=settings.batch_delay_ms / 1000.0,
                             queue_limit=settings.queue_limit, metrics=state.metrics, workers=workers)
     log.info("%d model worker(s), %d torch thread(s) each", workers, torch.get_num_threads())
@@ -78,6 +79,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         state.draining = True
         state.metrics.ready.set(0)
+        state.metrics.process_ready.set(0)
         warm_task.cancel()
         await state.batcher.stop()
 
@@ -92,4 +94,5 @@ async def _warm_up(state: ServiceState) -> None:
         return
     state.warm = True
     state.metrics.ready.set(1)
+    state.metrics.process_ready.set(1)
     log.info("model warm on %s in %.2f s (buckets %s); ready", state.runtime.device, seconds, state.runtime.buckets)

@@ -31,6 +31,11 @@ class Settings(BaseSettings):
     # Threads running model calls side by side. Default: one per usable CPU core (cgroup quota aware,
     # up to 8) on CPU, one on a GPU.
     model_workers: Optional[int] = Field(None, ge=1, le=64)
+    # Server processes behind the one port, each a full replica (model, batcher, workers); see
+    # service/processes.py. Default: one per usable CPU core (cgroup quota aware, up to 8), one on a GPU.
+    processes: Optional[int] = Field(None, ge=1, le=64)
+    # Where the processes keep their metric values (set by the supervisor; None with one process).
+    metrics_dir: Optional[Path] = None
     # Batch shapes: on a GPU a batch is padded up to the smallest bucket that fits (each warmed at
     # start-up); on CPU it runs at its exact size, padded only up to the size from which the warm-up found
     # every row bit-identical to the largest call (service.runtime). The largest bucket is max_batch_rows.
@@ -56,6 +61,13 @@ class Settings(BaseSettings):
     grace_period_s: float = Field(20.0, ge=0.0)  # SIGTERM: time for accepted requests to finish
     # Intra-op threads per model call; default on CPU: usable cores / model_workers (at least 1).
     torch_threads: Optional[int] = Field(None, ge=1)
+
+    def server_processes(self) -> int:
+        """How many server processes: ``processes``, or the default for this device and machine."""
+        from service.devices import available_cpus
+        from service.processes import default_processes
+
+        return self.processes or default_processes(self.device, available_cpus())
 
     @field_validator("device")
     @classmethod

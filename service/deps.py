@@ -14,6 +14,7 @@ from service.codecs import ImageSpec
 from service.config import Settings
 from service.errors import ModelNotReady, Unauthorized
 from service.metrics import Metrics
+from service.processes import processes_ready
 from service.runtime import ModelRuntime
 from service.scoring import ScoreKinds
 
@@ -33,7 +34,16 @@ class ServiceState:
 
     @property
     def ready(self) -> bool:
+        """This process serves model requests."""
         return self.warm and not self.draining and self.batcher is not None
+
+    @property
+    def server_ready(self) -> bool:
+        """The whole server serves: this process and, with several processes, every one of them."""
+        if not self.ready:
+            return False
+        metrics_dir, processes = self.settings.metrics_dir, self.settings.processes or 1
+        return metrics_dir is None or processes == 1 or processes_ready(processes, metrics_dir)
 
 
 async def get_state(request: Request) -> ServiceState:

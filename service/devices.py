@@ -1,13 +1,18 @@
-"""Where the model runs: the device, how many CPU cores this process may use, and how many model workers."""
+"""Where the model runs: the device, how many CPU cores this process may use, how many processes and model
+workers share them, and the CPU numerics they ask for. Imports torch only where a device is resolved: the
+supervisor of several server processes sizes itself with this module and never loads torch."""
+
+from __future__ import annotations
 
 import math
 import os
 from pathlib import Path
-from typing import Dict
-
-import torch
+from typing import TYPE_CHECKING, Dict
 
 from vae_artifact.errors import ArtifactError
+
+if TYPE_CHECKING:
+    import torch
 
 
 class DeviceUnavailable(ArtifactError):
@@ -46,18 +51,23 @@ def available_cpus() -> int:
     return max(1, min(cpus, math.ceil(quota))) if quota else max(1, cpus)
 
 
-def default_workers(device: torch.device) -> int:
-    """Model worker threads: one per usable CPU core (up to 8) on CPU, one per GPU."""
-    return 1 if device.type == "cuda" else min(8, available_cpus())
+def default_workers(device: torch.device, processes: int = 1) -> int:
+    """Model worker threads of one server process: its share of the usable CPU cores (up to 8) on CPU, one
+    per GPU."""
+    return 1 if device.type == "cuda" else max(1, min(8, available_cpus() // processes))
 
 
-def default_torch_threads(device: torch.device, workers: int) -> int:
-    """Intra-op threads per worker on CPU: the usable cores shared out between the workers."""
-    return max(1, available_cpus() // workers) if device.type == "cpu" else torch.get_num_threads()
+def default_torch_threads(device: torch.device, workers: int, processes: int = 1) -> int:
+    """Intra-op threads per worker on CPU: the usable cores shared out between every process's workers."""
+    import torch
+
+    return max(1, available_cpus() // (workers * processes)) if device.type == "cpu" else torch.get_num_threads()
 
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``; DeviceUnavailable otherwise."""
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)

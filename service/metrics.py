@@ -1,12 +1,21 @@
 """Prometheus metrics: one registry per app, so two apps in one process (tests) never collide.
 
 Names and labels are a contract with deploy/ (dashboards and alert rules); change them together.
+
+With several server processes (``service.processes``) every process writes its values to files in
+``multiprocess_dir`` (prometheus-client's multiprocess mode) and a scrape of any process renders all of them:
+counters and histograms summed, queue gauges summed over live processes, ``vae_ready`` the minimum over live
+processes (ready only if every one is), and ``vae_process_ready`` one sample per process (``pid`` label).
 """
 
+from pathlib import Path
 from typing import Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from service.processes import READY_GAUGE
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -15,8 +24,9 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
 class Metrics:
-    def __init__(self, registry: Optional[CollectorRegistry] = None) -> None:
+    def __init__(self, registry: Optional[CollectorRegistry] = None, multiprocess_dir: Optional[Path] = None) -> None:
         self.registry = registry or CollectorRegistry()
+        self.multiprocess_dir = multiprocess_dir
         r = self.registry
         self.requests = Counter(
             "vae_requests", "HTTP requests by endpoint and status.", ["endpoint", "status"], registry=r
@@ -28,8 +38,10 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.queue_depth = Gauge("vae_queue_depth", "Rows waiting for the model, per kernel.", ["kernel"], registry=r)
-        self.queue_capacity = Gauge("vae_queue_capacity", "Row limit of each kernel's queue.", ["kernel"], registry=r)
+        self.queue_depth = Gauge("vae_queue_depth", "Rows waiting for the model, per kernel.", ["kernel"], registry=r,
+                                 multiprocess_mode="livesum")
+        self.queue_capacity = Gauge("vae_queue_capacity", "Row limit of each kernel's queue.", ["kernel"], registry=r,
+                                    multiprocess_mode="livesum")
         self.queue_wait = Histogram(
             "vae_queue_wait_seconds",
             "Time rows waited between admission and their model call.",
@@ -46,13 +58,22 @@ class Metrics:
         self.rejections = Counter("vae_rejections", "Rejected or dropped work by reason.", ["reason"], registry=r)
         for reason in REJECTION_REASONS:
             self.rejections.labels(reason)  # exported at 0 so rate() works from the first scrape
-        self.ready = Gauge("vae_ready", "1 when the model is loaded, warm and not draining.", registry=r)
+        self.ready = Gauge("vae_ready", "1 when the model is loaded, warm and not draining (in every process).",
+                           registry=r, multiprocess_mode="livemin")
+        self.process_ready = Gauge(READY_GAUGE, "1 when this server process is warm and not draining.", registry=r,
+                                   multiprocess_mode="liveall")
         self.model_info = Gauge(
-            "vae_model_info", "The served artifact (value is always 1).", ["version", "sha256", "device"], registry=r
+            "vae_model_info", "The served artifact (value is always 1).", ["version", "sha256", "device"], registry=r,
+            multiprocess_mode="livemax",
         )
         self.gpu_memory = Gauge(
-            "vae_gpu_memory_bytes", "CUDA memory of the serving device.", ["device", "kind"], registry=r
+            "vae_gpu_memory_bytes", "CUDA memory of the serving device.", ["device", "kind"], registry=r,
+            multiprocess_mode="livesum",
         )
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()  # every process's values, read from their files at each scrape
+        MultiProcessCollector(registry, path=str(self.multiprocess_dir))
+        return generate_latest(registry)

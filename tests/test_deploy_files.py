@@ -42,6 +42,7 @@ METRIC_CONTRACT = {
     "vae_model_seconds": ("histogram", {"kernel"}),
     "vae_rejections": ("counter", {"reason"}),
     "vae_ready": ("gauge", set()),
+    "vae_process_ready": ("gauge", set()),  # with several server processes, a pid label per process
     "vae_model_info": ("gauge", {"version", "sha256", "device"}),
     "vae_gpu_memory_bytes": ("gauge", {"device", "kind"}),
 }

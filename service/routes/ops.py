@@ -21,7 +21,7 @@ async def livez(state: State) -> JSONResponse:
 @router.get("/readyz", response_model=Status, responses={503: {"model": Status}})
 async def readyz(state: State) -> JSONResponse:
     """200 once the model is loaded and every shape bucket is warm; 503 before that and while draining."""
-    if state.ready:
+    if state.server_ready:  # with several processes: every one of them
         return JSONResponse({"status": "ready"})
     status = "draining" if state.draining else "warming_up"
     return JSONResponse({"status": status}, status_code=503, headers={"Retry-After": "1"})

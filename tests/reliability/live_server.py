@@ -12,7 +12,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, List
 
 import httpx
 
@@ -31,12 +31,13 @@ class LiveServer:
     process: subprocess.Popen
     log: Path
 
+    def pids(self) -> List[int]:
+        """The server's processes: the one started, and with several server processes its children."""
+        return [self.process.pid, *children(self.process.pid)]
+
     def rss_mib(self) -> float:
-        """Resident memory of the server process (VmRSS), in MiB."""
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-        raise RuntimeError(f"no VmRSS for pid {self.process.pid}")
+        """Resident memory of every server process together (VmRSS summed), in MiB."""
+        return sum(_rss_kib(pid) for pid in self.pids()) / 1024.0
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -66,6 +67,27 @@ def live_server(artifact: Path, log_dir: Path, *, ready_timeout: float = 180.0, 
         if process.poll() is None:
             process.send_signal(signal.SIGKILL)
         process.wait(timeout=30)
+
+
+def children(pid: int) -> List[int]:
+    """Direct children of ``pid`` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited while we looked
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return sorted(found)
+
+
+def _rss_kib(pid: int) -> int:
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except FileNotFoundError:
+        return 0  # exited while we looked
+    return next((int(line.split()[1]) for line in lines if line.startswith("VmRSS:")), 0)
 
 
 def _wait_ready(server: LiveServer, timeout: float) -> None:

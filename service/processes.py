@@ -1,0 +1,150 @@
+"""Several server processes behind one port: a small supervisor, and readiness shared between the processes.
+
+One Python process is bound by one GIL: HTTP parsing, routing, JSON and the batcher's bookkeeping of every
+request run on it, and torch releases it only inside kernels. So the server runs ``processes`` full replicas
+(each with its own model, batcher and model threads) that accept on one listening socket the supervisor bound,
+and still presents one server: one port; ``/readyz`` 200 only when every process is warm; one ``/metrics``
+scrape summing every process (prometheus-client's multiprocess mode, ``PROMETHEUS_MULTIPROC_DIR``).
+
+Why replicas and not HTTP processes in front of one model process: measured on this 2-core machine (see
+bench/README.md), a replica per core doubles what the GIL-bound request path can do, and shares nothing, so
+a dead process takes only its own in-flight requests with it. On one GPU one process (one CUDA context, large
+batches) stays the default.
+
+The supervisor follows uvicorn's ``supervisors/multiprocess.py``: spawned children, a dead child is replaced
+(and its live gauges removed, so it no longer counts as ready), SIGTERM or SIGINT is passed to every child,
+each of which drains its accepted requests within the grace period, and the supervisor exits 0. A child that
+exits with status 2 refused the artifact or its settings: a replacement would fail the same way, so the
+supervisor stops and exits 2.
+"""
+
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Callable, List
+
+log = logging.getLogger(__name__)
+
+READY_GAUGE = "vae_process_ready"  # per process (multiprocess_mode liveall): 1 when that process is ready
+REFUSED = 2  # a child's exit status when the artifact or the settings cannot be served
+
+
+def processes_ready(expected: int, metrics_dir: Path) -> bool:
+    """Whether ``expected`` live processes each report ready, from the multiprocess metric files."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(metrics_dir))
+    ready = sum(1 for metric in registry.collect() if metric.name == READY_GAUGE
+                for sample in metric.samples if sample.value == 1 and _alive(int(sample.labels["pid"])))
+    return ready >= expected
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs: a process killed a moment ago keeps its files (and, until the supervisor reaps
+    it, its process table entry as a zombie) for up to one supervisor poll."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    except OSError:  # no procfs: ask the kernel whether the pid exists
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")  # state, after the command name
+
+
+class Supervisor:
+    """Runs ``count`` children of ``target(sock)`` on one listening socket until SIGTERM / SIGINT."""
+
+    def __init__(self, target: Callable[[socket.socket], None], sock: socket.socket, count: int, *,
+                 grace_s: float, metrics_dir: Path) -> None:
+        if count < 1:
+            raise ValueError(f"count must be >= 1, got {count}")
+        self.target, self.sock, self.count = target, sock, count
+        self.grace_s, self.metrics_dir = grace_s, metrics_dir
+        self.children: List[multiprocessing.Process] = []
+        self.stop = threading.Event()
+        self.status = 0
+
+    def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop.set())
+        log.info("supervisor %d: starting %d server processes", os.getpid(), self.count)
+        self.children = [self._spawn() for _ in range(self.count)]
+        while not self.stop.wait(0.2):
+            self._replace_dead()
+        self._shut_down()
+        return self.status
+
+    def _spawn(self) -> multiprocessing.Process:
+        child = multiprocessing.get_context("spawn").Process(target=self.target, args=(self.sock,), daemon=False)
+        child.start()
+        return child
+
+    def _replace_dead(self) -> None:
+        from prometheus_client import multiprocess
+
+        for i, child in enumerate(self.children):
+            if child.is_alive():
+                continue
+            multiprocess.mark_process_dead(child.pid, str(self.metrics_dir))  # its live gauges stop counting
+            if child.exitcode == REFUSED:
+                log.error("server process %d refused to start (status %d); stopping", child.pid, child.exitcode)
+                self.status = REFUSED
+                self.stop.set()
+                return
+            log.warning("server process %d died (status %s); starting a replacement", child.pid, child.exitcode)
+            self.children[i] = self._spawn()
+
+    def _shut_down(self) -> None:
+        """SIGTERM to every child; each drains within the grace period; then kill what is left."""
+        self.sock.close()  # the children hold their own copies until they finish draining
+        for child in self.children:
+            if child.is_alive():
+                os.kill(child.pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.grace_s + 5.0
+        for child in self.children:
+            child.join(max(0.0, deadline - time.monotonic()))
+            if child.is_alive():
+                log.error("server process %d did not stop within the grace period; killing it", child.pid)
+                child.kill()
+                child.join()
+            elif child.exitcode == REFUSED and self.status == 0:
+                self.status = REFUSED
+        log.info("supervisor %d: every server process stopped", os.getpid())
+
+
+def default_processes(device: str, cpus: int) -> int:
+    """One per usable core on CPU (up to 8); one on a GPU, where one process batches for the whole device."""
+    if device.startswith("cuda") or (device == "auto" and Path("/dev/nvidiactl").exists() and _cuda()):
+        return 1
+    return max(1, min(8, cpus))
+
+
+def _cuda() -> bool:
+    import torch  # only on a host with an NVIDIA driver: the supervisor itself otherwise never loads torch
+
+    return torch.cuda.is_available()
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The one listening socket every server process accepts on (as uvicorn binds it for its workers)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+__all__ = ["READY_GAUGE", "REFUSED", "Supervisor", "bind", "default_processes", "processes_ready"]
