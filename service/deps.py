@@ -59,13 +59,19 @@ class ModelCall:
     deadline: float
 
 
+# X-Request-Timeout's range. Below a millisecond a deadline has passed before the body is read: the request
+# could only ever fail, so it is refused as invalid rather than accepted and expired.
+MIN_TIMEOUT_S, MAX_TIMEOUT_S = 0.001, 3600.0
+
 # Documented here because model_call reads them itself (below).
 CALL_HEADERS = {"parameters": [
     {"name": "x-api-key", "in": "header", "required": False, "schema": {"type": "string"},
      "description": "Required when the server has an API key."},
     {"name": "x-request-timeout", "in": "header", "required": False,
-     "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600},
-     "description": "Seconds this request may wait; capped by the server."},
+     "schema": {"type": "number", "minimum": MIN_TIMEOUT_S, "maximum": MAX_TIMEOUT_S},
+     "description": f"Seconds this request may take, from {MIN_TIMEOUT_S:g} to {MAX_TIMEOUT_S:g}; the server's "
+                    "VAE_REQUEST_TIMEOUT_S caps it. Rows still queued when it passes are dropped: 504 "
+                    "deadline_exceeded, without Retry-After (the same request would expire again)."},
 ]}
 
 
@@ -97,10 +103,11 @@ def _request_timeout(value: str) -> float:
         seconds = float(value)
     except ValueError:
         seconds = math.nan
-    if not 0 < seconds <= 3600:  # also refuses nan
+    if not MIN_TIMEOUT_S <= seconds <= MAX_TIMEOUT_S:  # also refuses nan
         raise RequestValidationError([{
             "type": "value_error", "loc": ("header", "x-request-timeout"),
-            "msg": f"must be a number of seconds in (0, 3600], got {value!r}", "input": value,
+            "msg": f"must be a number of seconds in [{MIN_TIMEOUT_S:g}, {MAX_TIMEOUT_S:g}], got {value!r}",
+            "input": value,
         }])
     return seconds
 

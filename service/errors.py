@@ -81,7 +81,9 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(DeadlineExceeded)
     async def _deadline(request: Request, exc: DeadlineExceeded) -> JSONResponse:
-        return error_response(503, "deadline_exceeded", str(exc), headers={"Retry-After": "1"})
+        # 504, not 503: the request's own time ran out. No Retry-After: the same request, sent again with the
+        # same deadline, would most likely expire again (overload, which a retry can outwait, is 503).
+        return error_response(504, "deadline_exceeded", str(exc))
 
     @app.exception_handler(Abandoned)
     async def _abandoned(request: Request, exc: Abandoned) -> JSONResponse:

@@ -14,7 +14,7 @@ from service.inputs import IMAGE_BODY, json_body, latents, read_images, read_jso
 from service.responses import NPY, JSONResponse, images_response, wants_npy
 from service.schemas import EncodeOut, ErrorResponse, ImagesOut, InterpolateIn, LatentsIn, SampleIn
 
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 500, 503)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 500, 503, 504)}
 IMAGES_OUT = {200: {"content": {NPY: {"schema": {"type": "string", "format": "binary"}}}}}
 
 router = APIRouter(tags=["inference"], responses=ERRORS)

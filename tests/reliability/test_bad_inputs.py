@@ -243,6 +243,8 @@ def catalogue() -> Dict[str, Bad]:
                                                   {**JSON, "x-request-timeout": "-1"}), 422, "validation_error"),
         "X-Request-Timeout NaN": Bad(Request("POST", "/sample", json_body({"n": 1}),
                                              {**JSON, "x-request-timeout": "nan"}), 422, "validation_error"),
+        "X-Request-Timeout 5e-324 (below the 1 ms floor)": Bad(Request("POST", "/sample", json_body({"n": 1}), {
+            **JSON, "x-request-timeout": "5e-324"}), 422, "validation_error"),
     }
     return cases
 
@@ -264,7 +266,7 @@ CASE_NAMES = [
     "npy header claiming 10^12 pixels", "npy of the wrong shape", "npy float pixels out of range",
     "npy float NaN pixels", "npy of int64 pixels", "JSON nested 100000 deep", "JSON not UTF-8",
     "JSON array instead of object", "unknown JSON field", "X-Request-Timeout not a number",
-    "X-Request-Timeout negative", "X-Request-Timeout NaN",
+    "X-Request-Timeout negative", "X-Request-Timeout NaN", "X-Request-Timeout 5e-324 (below the 1 ms floor)",
 ]
 
 
