@@ -18,8 +18,9 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from training import calibration, distributed, evaluate, export, trainer
-from training.data import SPLIT_SEED, Dataset, held_out_splits, load_dataset, to_8bit, to_float
+from training.data import VAL_FRACTION, Dataset, held_out_splits, to_8bit, to_float
 from training.model import VAE, VAEConfig, num_parameters
+from training.recipe import DataRecipe, data_section
 
 log = logging.getLogger("training")
 
@@ -34,7 +35,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     data = p.add_argument_group("data")
     data.add_argument("--data", default="digits", help="digits | idx:DIR | folder:DIR | npz:FILE")
     data.add_argument("--classes", type=_int_list, default=None, help="train on these labels only, e.g. 0,1,2")
-    data.add_argument("--val-fraction", type=float, default=0.1, help="of the non-test images, for early stopping")
+    data.add_argument("--val-fraction", type=float, default=VAL_FRACTION,
+                      help="of the non-test images, for early stopping")
     data.add_argument("--image-size", type=int, default=None, help="resize to this square side")
     data.add_argument("--channels", type=int, choices=(1, 3), default=None, help="convert to gray or RGB")
     data.add_argument("--binarize", action="store_true",
@@ -105,9 +107,12 @@ def model_config(args: argparse.Namespace, ds: Dataset, resume: Optional[Dict]) 
 def run(args: argparse.Namespace, ctx: distributed.DistContext) -> Optional[Dict]:
     """Everything after argument parsing; returns the artifact metadata on rank 0, None elsewhere."""
     started = time.perf_counter()
+    # Everything that decides the splits, recorded in the artifact so recalibration rebuilds the same calib split.
+    recipe = DataRecipe(args.data, classes=None if args.classes is None else tuple(args.classes),
+                        image_size=args.image_size, channels=args.channels, val_fraction=args.val_fraction,
+                        binarize=args.binarize)
     try:
-        ds = load_dataset(args.data, image_size=args.image_size, channels=args.channels, classes=args.classes,
-                          val_fraction=args.val_fraction, seed=SPLIT_SEED)
+        ds = recipe.load()
     except (ValueError, FileNotFoundError) as exc:  # bad --data / options: a message, not a traceback
         raise SystemExit(f"python -m training: error: {exc}") from exc
     val, calib, test, eval_levels = held_out_splits(ds, args.binarize)
@@ -137,9 +142,7 @@ def run(args: argparse.Namespace, ctx: distributed.DistContext) -> Optional[Dict
     last = result.history[-1] if result.history else {}
     meta = export.build_metadata(
         vae,
-        data={"name": ds.name, "levels": ds.levels, "n_train": len(ds.train), "n_val": len(ds.val),
-              "n_calib": len(ds.calib), "n_test": len(ds.test), "classes": args.classes, "split_seed": SPLIT_SEED, "binarize": args.binarize,
-              "image": {"channels": ds.channels, "height": ds.height, "width": ds.width}},
+        data=data_section(recipe, ds),
         training={"epochs_run": result.epochs_run, "best_epoch": result.best_epoch, "seed": args.seed,
                   "beta": config.beta, "kl_warmup": config.kl_warmup, "free_bits": config.free_bits,
                   "lr": config.lr, "batch_size": config.batch_size, "wall_time_s": round(result.wall_time_s, 2),

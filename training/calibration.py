@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from training.data import held_out_splits, load_dataset, to_8bit
+from training.data import held_out_splits, to_8bit
+from training.recipe import recorded_dataset
 from vae_artifact import complexity, noise
 from vae_artifact.calibration import importance_stats
 from vae_artifact.io import load_artifact, save_artifact
@@ -86,18 +87,20 @@ def calibration_sections(score: ScoreFn, calib_images: np.ndarray, *, k: int, no
     return scoring, calibration
 
 
-def recalibrate(model: Path, *, out: Optional[Path] = None, data: Optional[str] = None,
-                k: Optional[int] = None) -> Dict:
+def recalibrate(model: Path, *, out: Optional[Path] = None, data: Optional[str] = None, k: Optional[int] = None,
+                assume_defaults: bool = False) -> Dict:
     """Recompute every kind's calibration of an artifact from its own calib split, with its own TorchScript
-    ``score``, and write the artifact again (``out``, default in place). Returns the calibration section."""
+    ``score``, and write the artifact again (``out``, default in place). Returns the calibration section.
+    The split is rebuilt from the artifact's data recipe (``training.recipe``); SystemExit, writing nothing,
+    when that cannot be done exactly. ``data``: the same source at another location."""
     module, meta = load_artifact(model)
     document = meta.to_dict()
     recorded = document.get("data") or {}
-    dataset = load_dataset(data or recorded["name"], classes=recorded.get("classes"),
-                           seed=int(recorded.get("split_seed", 0)))
+    try:
+        dataset = recorded_dataset(recorded, data=data, assume_defaults=assume_defaults)
+    except (ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"{model}: cannot recalibrate: {exc}") from exc
     _, calib, _, levels = held_out_splits(dataset, bool(recorded.get("binarize")))
-    if len(calib) != recorded.get("n_calib", len(calib)):
-        raise SystemExit(f"calib split has {len(calib)} images, the artifact was calibrated on {recorded['n_calib']}")
     k = k or meta.scoring.k
     scoring, calibration = calibration_sections(
         module.score, to_8bit(calib.images, levels), k=k, noise_seed=meta.scoring.noise_seed,

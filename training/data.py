@@ -29,6 +29,9 @@ _GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
 _IDX_UBYTE = 0x08  # the IDX dtype code for unsigned bytes; MNIST and Fashion-MNIST use nothing else
 SPLIT_SEED = 0  # fixed, not --seed: runs with different seeds are evaluated and calibrated on the same images
 BINARIZE_SEED = 1234  # the one fixed draw that binarises the val / calib / test splits (+0, +1, +2)
+# Default split fractions: val and calib of the pool (the non-test images), test of all images when the source
+# has no test split of its own.
+VAL_FRACTION, CALIB_FRACTION, TEST_FRACTION = 0.1, 0.1, 0.2
 
 
 @dataclass(frozen=True)
@@ -76,8 +79,9 @@ class Dataset:
 
 
 def load_dataset(spec: str, *, image_size: int | None = None, channels: int | None = None,
-                 classes: Sequence[int] | None = None, val_fraction: float = 0.1,
-                 calib_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+                 classes: Sequence[int] | None = None, val_fraction: float = VAL_FRACTION,
+                 calib_fraction: float = CALIB_FRACTION, test_fraction: float = TEST_FRACTION,
+                 seed: int = 0) -> Dataset:
     """Load the source named by ``spec`` and split it deterministically in ``seed``.
 
     A source's own test split (IDX t10k files, npz ``x_test``) is kept; otherwise ``test_fraction`` of all

@@ -6,7 +6,8 @@ normal images. The evaluation loads the written artifact and calls its ``score``
 
     python -m training.evaluate ood --model runs/fashion/vae.ts --normal idx:DATA/fashion-mnist --ood idx:DATA/mnist
     python -m training.ood evaluate --model runs/mnist-no3/vae.ts --normal idx:DATA/mnist --holdout-class 3
-    python -m training.ood calibrate --model OLD.ts --data idx:DATA/fashion-mnist   # add the kinds to an old artifact
+    python -m training.ood calibrate --model M.ts   # recompute the calibration from the recorded calib split
+    python -m training.ood calibrate --model OLD.ts --assume-training-defaults   # artifacts before the data recipe
     python -m training.ood sweep-k --model runs/fashion/vae.ts --normal idx:... --ood idx:...  # SE and cost vs K
 """
 
@@ -132,7 +133,8 @@ def cmd_evaluate(args: argparse.Namespace) -> Dict:
 
 def cmd_calibrate(args: argparse.Namespace) -> Dict:
     """Recompute every kind's calibration of an artifact from its own calib split and rewrite its metadata."""
-    calibration = recalibrate(args.model, out=args.out, data=args.data, k=args.k)
+    calibration = recalibrate(args.model, out=args.out, data=args.data, k=args.k,
+                              assume_defaults=args.assume_training_defaults)
     print(f"{args.out or args.model}: calibrated {list(calibration['scores'])} on n={calibration['n']} "
           f"with K={calibration['k']}")
     return calibration
@@ -190,7 +192,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             c.add_argument("--repeat-images", type=int, default=100, help="normal images scored with every seed")
     c = sub.add_parser("calibrate", help="(re)compute every kind's calibration scores into an artifact")
     c.add_argument("--model", type=Path, required=True)
-    c.add_argument("--data", default=None, help="data spec (default: the artifact's data.name)")
+    c.add_argument("--data", default=None, help="the same data at another location (default: the artifact's "
+                                                "data.name); refused unless it rebuilds the recorded calib split")
+    c.add_argument("--assume-training-defaults", action="store_true",
+                   help="for artifacts that predate the recorded data recipe: assume the training CLI's defaults "
+                        "(--val-fraction, --image-size, --channels) for what the recipe lacks; the recorded split "
+                        "sizes and image shape are still checked")
     c.add_argument("--k", type=int, default=None, help="importance samples (default: the artifact's scoring.k)")
     c.add_argument("--out", type=Path, default=None, help="write here instead of rewriting --model in place")
     return p.parse_args(argv)

@@ -1,0 +1,70 @@
+"""Recalibration rebuilds exactly the calib split a model was trained beside (never training images), from the
+data recipe the artifact records, or refuses; and it calibrates on what the service scores."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training.__main__ import main as train
+from training.calibration import recalibrate
+from training.recipe import recorded_dataset
+from training.data import load_dataset
+from vae_artifact.io import load_artifact, save_artifact
+
+FORMAT1 = Path(__file__).parent / "fixtures" / "vae_format1.ts"  # written before the data recipe was recorded
+TINY = ["--data", "digits", "--epochs", "2", "--eval-k", "8", "--score-k", "8", "--latent-dim", "4",
+        "--base-width", "8", "--no-report", "--quiet"]
+
+
+def trained(tmp_path: Path, *options: str) -> Path:
+    out = tmp_path / "vae.ts"
+    assert train([*TINY, *options, "--out", str(out)]) == 0
+    return out
+
+
+def image_bytes(images: np.ndarray) -> set:
+    return {image.tobytes() for image in images}
+
+
+@pytest.mark.parametrize("options, load_options", [
+    (["--val-fraction", "0.05"], {"val_fraction": 0.05}),
+    (["--val-fraction", "0.05", "--image-size", "12"], {"val_fraction": 0.05, "image_size": 12}),
+])
+def test_recalibration_rebuilds_the_calib_split_the_model_was_trained_beside(tmp_path, options, load_options):
+    """Non-default splits: the default --val-fraction would put 72 of the 144 digits calib images in training."""
+    model = trained(tmp_path, *options)
+    meta = load_artifact(model)[1]
+    assert {key: meta["data"][key] for key in load_options} == load_options
+    same = load_dataset("digits", seed=0, **load_options)  # the split training used
+    rebuilt = recorded_dataset(meta["data"])
+    assert image_bytes(rebuilt.calib.images) == image_bytes(same.calib.images)
+    assert not image_bytes(rebuilt.calib.images) & image_bytes(same.train.images)
+
+    out = tmp_path / "recalibrated.ts"
+    calibration = recalibrate(model, out=out)
+    assert calibration["n"] == len(same.calib) == 144
+    for kind, scores in meta["calibration"]["scores"].items():
+        np.testing.assert_allclose(calibration["scores"][kind], scores, rtol=1e-5, atol=1e-3, err_msg=kind)
+
+
+def test_an_artifact_without_the_data_recipe_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match=r"val_fraction.*--assume-training-defaults"):
+        recalibrate(FORMAT1, out=tmp_path / "out.ts")
+    assert not (tmp_path / "out.ts").exists()
+    # It was trained with the defaults, which its recorded split sizes confirm: stated, it is recalibrated.
+    calibration = recalibrate(FORMAT1, out=tmp_path / "out.ts", assume_defaults=True)
+    before = load_artifact(FORMAT1)[1]["calibration"]["scores"]
+    for kind, scores in before.items():
+        np.testing.assert_allclose(calibration["scores"][kind], scores, rtol=1e-5, atol=1e-3, err_msg=kind)
+
+
+def test_a_rebuilt_split_that_differs_from_the_recorded_one_is_refused(digits_artifact, tmp_path):
+    module, meta = load_artifact(digits_artifact)
+    for change, named in (({"calib_sha256": "0" * 64}, "calib_sha256"), ({"n_val": 72}, "n_val"),
+                          ({"val_fraction": 0.05}, "n_val")):
+        tampered = tmp_path / "tampered.ts"
+        save_artifact(module, tampered, dict(meta.to_dict(), data={**meta["data"], **change}))
+        with pytest.raises(SystemExit, match=named):
+            recalibrate(tampered, out=tmp_path / "out.ts")
+        assert not (tmp_path / "out.ts").exists()
