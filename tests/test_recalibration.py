@@ -57,6 +57,8 @@ def test_an_artifact_without_the_data_recipe_is_refused(tmp_path):
     before = load_artifact(FORMAT1)[1]["calibration"]["scores"]
     for kind, scores in before.items():
         np.testing.assert_allclose(calibration["scores"][kind], scores, rtol=1e-5, atol=1e-3, err_msg=kind)
+    # Its TorchScript score is the old one, whose rows depend on the call size: recalibrating must not say otherwise.
+    assert load_artifact(tmp_path / "out.ts")[1].scoring.batch_invariant is False
 
 
 def test_a_rebuilt_split_that_differs_from_the_recorded_one_is_refused(digits_artifact, tmp_path):

@@ -105,6 +105,9 @@ def recalibrate(model: Path, *, out: Optional[Path] = None, data: Optional[str] 
     scoring, calibration = calibration_sections(
         module.score, to_8bit(calib.images, levels), k=k, noise_seed=meta.scoring.noise_seed,
         latent_dim=meta.latent_dim, levels=meta.levels)
+    # A property of the module's TorchScript, which recalibration keeps: an older score reduces over K in a way
+    # that depends on the call size, and the service must keep scoring it at one fixed size.
+    scoring["batch_invariant"] = meta.scoring.batch_invariant
     save_artifact(module, Path(out or model), dict(document, scoring=scoring, calibration=calibration))
     load_artifact(Path(out or model))  # fails loudly if the rewritten artifact does not read back
     return calibration
