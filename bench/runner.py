@@ -19,6 +19,8 @@ from typing import Dict, List, Optional
 from bench import common, loadgen, report
 from bench.serverproc import ROOT, ServerProcess, batch_stats, free_port, http, read_json
 from bench.workloads import WORKLOADS, Workload, build_request, load_images
+from service.devices import available_cpus
+from service.processes import default_processes
 
 SERVERS = ("ceiling", "ours", "naive", "litserve")
 EXPECTED_KEY = {"encode": b'"mu"', "score": b'"scores"', "decode": b'"images"'}
@@ -41,8 +43,9 @@ class Options:
     profile_s: float = 0.0
     lit_fast_queue: bool = False
     batch_delay_ms: float = 0.0  # the service's default, passed explicitly so the report can quote it
-    lit_workers: int = 1  # LitServe's workers_per_device
-    inprocess_s: float = 1.0
+    lit_workers: List[int] = field(default_factory=lambda: [1, 2])  # LitServe's workers_per_device, each run
+    processes: int = 0  # our server processes (0: the service's default); the ceiling runs as many
+    inprocess_s: float = 8.0  # as long as each server's measurement
     rounds: int = 1  # every server is measured this many times, alternating; the best round is reported
     variants: Dict[str, Path] = field(default_factory=dict)  # label -> another checkout of the service
 
@@ -52,19 +55,25 @@ def run(opts: Options) -> Dict:
     shape = common.model_shape(common.read_metadata(opts.model))
     images = load_images(opts.images)
     workloads = [w for w in WORKLOADS if w.name in opts.workloads]
-    servers = list(opts.servers) + list(opts.variants)
+    if not opts.processes:
+        opts.processes = default_processes("cpu", available_cpus())
+    servers = [lit for name in opts.servers
+               for lit in ([f"litserve-{n}w" for n in opts.lit_workers] if name == "litserve" else [name])]
+    servers += list(opts.variants)
     rounds: Dict[str, Dict[str, List[Dict]]] = {w.name: {} for w in workloads}
     generator: List[Dict] = []
     results: Dict = {
         "meta": _meta(opts, shape), "inprocess": {}, "runs": {},
         "workloads": {w.name: w.description for w in workloads}, "ours": {}, "generator_check": {},
     }
-    _log(f"in-process throughput ({opts.threads} torch thread(s))")
-    results["inprocess"] = _inprocess(opts)
+    inprocess: List[Dict] = []
     for round_no in range(opts.rounds):
+        _log(f"round {round_no + 1}/{opts.rounds}, in-process throughput ({opts.threads} torch thread(s))")
+        inprocess.append(_inprocess(opts))
         last = round_no == opts.rounds - 1
         for name in servers:
-            groups = _merge([(w.kernel, [w]) for w in workloads]) if name == "litserve" else [(None, workloads)]
+            lit = name.startswith("litserve")
+            groups = _merge([(w.kernel, [w]) for w in workloads]) if lit else [(None, workloads)]
             for kernel, group in groups:
                 server = _server(name, kernel, opts, shape)
                 _log(f"round {round_no + 1}/{opts.rounds}, {name}{f' ({kernel})' if kernel else ''}: starting "
@@ -81,6 +90,7 @@ def run(opts: Options) -> Dict:
                 finally:
                     server.stop()
     results["runs"] = _bests(rounds)
+    results["inprocess"] = _best_inprocess(inprocess)
     if generator:
         results["generator_check"] = _best(generator)
     if "ours" in opts.servers and opts.cold_starts:
@@ -105,6 +115,18 @@ def _bests(rounds: Dict[str, Dict[str, List[Dict]]]) -> Dict[str, Dict[str, Dict
     return {w: {name: _best(runs) for name, runs in by_server.items()} for w, by_server in rounds.items()}
 
 
+def _best_inprocess(rounds: List[Dict]) -> Dict:
+    """Per kernel and batch size, the round with the highest throughput, with every round's rate."""
+    best: Dict = {}
+    for kernel in rounds[0]:
+        for batch in rounds[0][kernel]:
+            runs = [r[kernel][batch] for r in rounds]
+            chosen = dict(max(runs, key=lambda r: r["images_per_s"]))
+            chosen["rounds_images_per_s"] = [r["images_per_s"] for r in runs]
+            best.setdefault(kernel, {})[batch] = chosen
+    return best
+
+
 def _merge(groups):
     merged: Dict = {}
     for kernel, ws in groups:
@@ -120,7 +142,7 @@ def _server(name: str, kernel: Optional[str], opts: Options, shape, model: Optio
     log = opts.out / "logs" / f"{name}{'-' + kernel if kernel else ''}.log"
     if name == "ours" or name in opts.variants:
         env.update(VAE_TORCH_THREADS=threads, VAE_LOG_LEVEL="warning", VAE_DEVICE="cpu",
-                   VAE_BATCH_DELAY_MS=str(opts.batch_delay_ms))
+                   VAE_BATCH_DELAY_MS=str(opts.batch_delay_ms), VAE_PROCESSES=str(opts.processes))
         args = ["-m", "service", "--model", str(model), "--host", "127.0.0.1", "--port", str(port)]
         if name in opts.variants:  # another checkout of the service: its own `service` package comes first
             root = opts.variants[name]
@@ -129,14 +151,15 @@ def _server(name: str, kernel: Optional[str], opts: Options, shape, model: Optio
     elif name == "naive":
         args = ["-m", "bench.servers.naive", "--model", str(model), "--port", str(port), "--threads", threads]
     elif name == "ceiling":
-        args = ["-m", "bench.servers.ceiling", "--model", str(model), "--port", str(port)]
-    elif name == "litserve":
-        stats = opts.out / "logs" / f"litserve-{kernel}.stats.json"
+        args = ["-m", "bench.servers.ceiling", "--model", str(model), "--port", str(port),
+                "--processes", str(opts.processes)]
+    elif name.startswith("litserve-"):
+        stats = opts.out / "logs" / f"{name}-{kernel}.stats.json"
         for old in stats.parent.glob(stats.name + ".*"):  # an earlier round's workers
             old.unlink()
         args = ["-m", "bench.servers.lit", "--model", str(model), "--port", str(port), "--api", kernel,
                 "--threads", threads, "--stats", str(stats), "--batch-timeout-ms", str(opts.batch_delay_ms),
-                "--workers", str(opts.lit_workers)]
+                "--workers", name.split("-")[1].rstrip("w")]
         if opts.lit_fast_queue:
             args.append("--fast-queue")
     else:
@@ -152,7 +175,7 @@ def _generate(server: ServerProcess, req: loadgen.Request, connections: int, sec
 
 
 def _measure(server: ServerProcess, name: str, w: Workload, images, shape, opts: Options) -> Dict:
-    req = build_request(w, images, shape, raw_npy=name != "litserve")
+    req = build_request(w, images, shape, raw_npy=not name.startswith("litserve"))
     status, body = http(req.method, server.url + req.path, req.bodies[0], req.content_type)
     if status != 200 or EXPECTED_KEY[w.kernel] not in body:
         _log(f"  {w.name}: probe failed: {status} {body[:200]!r}")
@@ -177,9 +200,9 @@ def _measure(server: ServerProcess, name: str, w: Workload, images, shape, opts:
 def _batches(server: ServerProcess, name: str, w: Workload, opts: Options):
     if name == "ours" or name in opts.variants:
         return batch_stats(server.metrics()).get(w.kernel, (0.0, 0.0))
-    if name == "litserve":
+    if name.startswith("litserve-"):
         time.sleep(0.5)  # the worker writes its counts every 0.2 s
-        base = f"litserve-{w.kernel}.stats.json"
+        base = f"{name}-{w.kernel}.stats.json"
         stats = [read_json(f) for f in (opts.out / "logs").glob(base + ".*") if not f.name.endswith(".tmp")]
         stats = [s for s in stats if s]
         if not stats:
@@ -235,7 +258,7 @@ def _cold_starts(opts: Options, shape) -> List[float]:
 
 def _inprocess(opts: Options) -> Dict:
     proc = subprocess.run([sys.executable, "-m", "bench.inprocess", "--model", str(opts.model), "--threads",
-                           str(opts.threads), "--seconds", str(opts.inprocess_s)], capture_output=True, text=True,
+                           str(opts.threads), "--seconds", str(opts.inprocess_s / 10)], capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": str(opts.threads)}, cwd=ROOT, timeout=600)
     if proc.returncode != 0:
         raise RuntimeError(f"in-process measurement failed: {proc.stderr[-2000:]}")
@@ -249,7 +272,8 @@ def _meta(opts: Options, shape) -> Dict:
         "command": " ".join([Path(sys.executable).name, "-m", "bench", *sys.argv[1:]]),
         "model": str(opts.model), "model_shape": shape.__dict__, "images": opts.images,
         "torch_threads": opts.threads, "duration_s": opts.duration_s, "warmup_s": opts.warmup_s,
-        "batch_delay_ms": opts.batch_delay_ms, "lit_workers": opts.lit_workers, "max_requests": opts.max_requests,
+        "batch_delay_ms": opts.batch_delay_ms, "lit_workers": opts.lit_workers, "processes": opts.processes,
+        "max_requests": opts.max_requests,
         "generator": "wrk" if loadgen.have_wrk() else "aiohttp", "cpus": os.cpu_count(),
         "platform": platform.platform(), "python": platform.python_version(), "torch": version("torch"),
         "load_before": os.getloadavg(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

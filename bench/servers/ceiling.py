@@ -1,22 +1,25 @@
 """The ceiling: the service's HTTP stack (FastAPI + uvicorn) parsing and decoding the same bodies, no model.
 
-Each endpoint reads the body exactly like the others (multipart PNG parts, .npy, JSON), decodes the images
-on the event loop (the cheapest place for a 28x28 PNG) and returns a precomputed body of the right shape
-and size. Nothing a model server does can be faster on this stack. Also serves ``GET /constant`` (no body
-parsing at all), which the benchmark uses to show the load generator's own limit.
-``python -m bench.servers.ceiling --model vae.ts --port 8103``.
+Each endpoint reads the body exactly like the others (.npy, JSON, and multipart PNG parts split with the
+service's own parser, ``service.inputs.multipart_files``), decodes the images on the event loop (the
+cheapest place for a 28x28 PNG) and returns a precomputed body of the right shape and size. It runs as many
+uvicorn processes as our service runs server processes (``--processes``). Nothing a model server does can be
+faster on this stack. Also serves ``GET /constant`` (no body parsing at all), which the benchmark uses to
+show the load generator's own limit.
+``python -m bench.servers.ceiling --model vae.ts --port 8103 --processes 2``.
 """
 
 import argparse
+import os
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import uvicorn
 from fastapi import FastAPI, Request, Response
-from starlette.datastructures import UploadFile
 
 from bench import common
+from service.inputs import multipart_files
 from vae_artifact.calibration import Calibration
 
 JSON = "application/json"
@@ -45,9 +48,9 @@ def create_app(model_path: Path) -> FastAPI:
                                   np.zeros((n, d), np.float32), 0)
 
     async def read_images(request: Request) -> np.ndarray:
-        if request.headers.get("content-type", "").startswith("multipart/form-data"):
-            async with request.form() as form:
-                blobs = [await f.read() for _, f in form.multi_items() if isinstance(f, UploadFile)]
+        content_type = request.headers.get("content-type", "")
+        if content_type.startswith("multipart/form-data"):
+            blobs = multipart_files(await request.body(), content_type, max_parts=1024)
             return np.stack([common.decode_png(b, shape) for b in blobs])
         return common.decode_npy(await request.body(), shape)
 
@@ -74,12 +77,20 @@ def create_app(model_path: Path) -> FastAPI:
     return app
 
 
+def app_from_env() -> FastAPI:
+    """uvicorn's factory in each of its worker processes: the model path comes through the environment."""
+    return create_app(Path(os.environ["BENCH_CEILING_MODEL"]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--processes", type=int, default=1, help="uvicorn worker processes")
     args = parser.parse_args()
-    uvicorn.run(create_app(args.model), host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
+    os.environ["BENCH_CEILING_MODEL"] = str(args.model)
+    uvicorn.run("bench.servers.ceiling:app_from_env", factory=True, workers=args.processes, host="127.0.0.1",
+                port=args.port, log_level="warning", access_log=False)
 
 
 if __name__ == "__main__":

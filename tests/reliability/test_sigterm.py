@@ -57,10 +57,12 @@ async def _load_then_sigterm(server, request: Request):
     return result, signalled["at"]
 
 
-def test_sigterm_under_load_drops_no_accepted_request(digits_artifact: Path, tmp_path: Path):
+@pytest.mark.parametrize("processes", [1, 2])
+def test_sigterm_under_load_drops_no_accepted_request(digits_artifact: Path, tmp_path: Path, processes: int):
+    """With 2 processes, the supervisor passes the signal on and every process drains its own requests."""
     request = Request("POST", "/anomaly-score?k=256", _one_image(), {"content-type": "application/x-npy"})
     with live_server(digits_artifact, tmp_path, queue_limit=32, torch_threads=1, grace_period_s=GRACE_S,
-                     log_level="info") as server:
+                     log_level="info", processes=processes) as server:
         result, signalled_at = asyncio.run(_load_then_sigterm(server, request))
         try:
             code = server.process.wait(timeout=GRACE_S + 5.0)
