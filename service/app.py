@@ -17,7 +17,7 @@ from service.config import Settings
 from service.deps import ServiceState
 from service.errors import install_handlers
 from service.metrics import Metrics
-from service.middleware import BodyLimit, InFlightLimit, RequestMetrics
+from service.middleware import ApiKeyRequired, BodyLimit, InFlightLimit, RequestMetrics
 from service.routes import anomaly, inference, ops
 from service.devices import default_torch_threads, default_workers
 from service.runtime import KERNELS, ModelRuntime
@@ -42,6 +42,7 @@ def create_app(settings: Optional[Settings] = None, runtime: Optional[ModelRunti
     install_handlers(app)
     for router in (inference.router, anomaly.router, ops.router):
         app.include_router(router)
+    app.add_middleware(ApiKeyRequired, settings=settings, metrics=state.metrics)  # inside CORS: preflights pass
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["*"])

@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     max_n: int = Field(512, ge=1)  # /sample
     max_steps: int = Field(256, ge=2)  # /interpolate
     max_k: int = Field(1024, ge=1)  # importance samples per anomaly score
+    # /metrics without the API key, for an in-cluster scraper that cannot send one; everything else but
+    # /livez and /readyz still needs the key.
+    metrics_public: bool = False
 
     api_key: Optional[SecretStr] = None  # when set, every non-health endpoint needs X-API-Key
     expected_sha256: Optional[str] = None  # refuse to start unless the artifact file has this sha256

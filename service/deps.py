@@ -1,6 +1,6 @@
-"""What routes receive: the service state and, for model endpoints, the checked call (API key, readiness, deadline)."""
+"""What routes receive: the service state and, for model endpoints, the checked call (readiness, deadline).
+The API key is checked before any route, for every path (service.middleware.ApiKeyRequired)."""
 
-import hmac
 import math
 import time
 from dataclasses import dataclass, field
@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from service.batching import Batcher
 from service.codecs import ImageSpec
 from service.config import Settings
-from service.errors import ModelNotReady, Unauthorized
+from service.errors import ModelNotReady
 from service.metrics import Metrics
 from service.processes import processes_ready
 from service.runtime import ModelRuntime
@@ -63,7 +63,8 @@ class ModelCall:
 # could only ever fail, so it is refused as invalid rather than accepted and expired.
 MIN_TIMEOUT_S, MAX_TIMEOUT_S = 0.001, 3600.0
 
-# Documented here because model_call reads them itself (below).
+# Documented here because they are read outside FastAPI's parameters: the key by ApiKeyRequired, the timeout by
+# model_call (below).
 CALL_HEADERS = {"parameters": [
     {"name": "x-api-key", "in": "header", "required": False, "schema": {"type": "string"},
      "description": "Required when the server has an API key."},
@@ -76,23 +77,15 @@ CALL_HEADERS = {"parameters": [
 
 
 async def model_call(request: Request) -> ModelCall:
-    """Every check a model endpoint makes before it reads the body, in order: the API key (401), readiness
-    (503) and the X-Request-Timeout header (422). One dependency that reads its headers itself: FastAPI
-    resolves every dependency and header parameter anew on each request, and the four this replaces cost
-    about 60 us per request, as much as parsing and decoding a small PNG."""
+    """Every check a model endpoint makes before it reads the body (the API key passed already), in order:
+    readiness (503) and the X-Request-Timeout header (422). One dependency that reads its header itself:
+    FastAPI resolves every dependency and header parameter anew on each request, and the ones this replaces
+    cost about 60 us per request, as much as parsing and decoding a small PNG."""
     state: ServiceState = request.app.state.service
-    headers = request.headers
-    expected = state.settings.api_key
-    if expected is not None:
-        given = headers.get("x-api-key")
-        # Constant-time comparison: the time taken says nothing about how much of the key matched.
-        if given is None or not hmac.compare_digest(given.encode(), expected.get_secret_value().encode()):
-            state.metrics.rejections.labels("unauthorized").inc()
-            raise Unauthorized("missing or wrong X-API-Key")
     if not state.ready:
         raise ModelNotReady("the service is draining" if state.draining else "the model is still warming up")
     timeout = state.settings.request_timeout_s
-    header = headers.get("x-request-timeout")
+    header = request.headers.get("x-request-timeout")
     if header is not None:
         timeout = min(timeout, _request_timeout(header))
     return ModelCall(state, time.monotonic() + timeout)

@@ -23,10 +23,6 @@ class ModelNotReady(Exception):
     """The model is still loading or warming up, or the service is draining."""
 
 
-class Unauthorized(Exception):
-    """A required API key is missing or wrong."""
-
-
 class UnsupportedMediaType(InvalidInput):
     code = "unsupported_media_type"
 
@@ -97,10 +93,6 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(BatcherStopped)
     async def _stopped(request: Request, exc: BatcherStopped) -> JSONResponse:
         return error_response(503, "shutting_down", str(exc), headers={"Retry-After": "1"})
-
-    @app.exception_handler(Unauthorized)
-    async def _unauthorized(request: Request, exc: Unauthorized) -> JSONResponse:
-        return error_response(401, "unauthorized", str(exc), headers={"WWW-Authenticate": "ApiKey"})
 
     @app.exception_handler(BatchFailed)
     async def _batch_failed(request: Request, exc: BatchFailed) -> JSONResponse:

@@ -1,13 +1,15 @@
-"""Pure ASGI middleware: request metrics per endpoint and status, and the body-size limit.
+"""Pure ASGI middleware: request metrics per endpoint and status, the in-flight and body-size limits, the API key.
 
 Pure ASGI rather than BaseHTTPMiddleware: no extra task per request, and the size limit is enforced while
 the body streams in, so an oversized upload is refused without being buffered.
 """
 
+import hmac
 import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.config import Settings
 from service.errors import RequestTooLarge, error_response
 from service.metrics import Metrics
 
@@ -97,3 +99,33 @@ class BodyLimit:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+PROBES = frozenset({"/livez", "/readyz"})  # an orchestrator's probes carry no credentials
+
+
+class ApiKeyRequired:
+    """With ``settings.api_key`` set, every request but the probes (and /metrics with ``metrics_public``) needs
+    that key in X-API-Key, else 401 before the app sees it.
+
+    Middleware, not a route dependency: it also guards what no router of ours declares (the OpenAPI document,
+    the Swagger UI and its assets, unknown paths). It must sit inside CORS, which answers a browser's
+    preflight itself: a preflight never carries the key.
+    """
+
+    def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+        self.key = settings.api_key.get_secret_value().encode() if settings.api_key is not None else None
+        self.open = PROBES | ({"/metrics"} if settings.metrics_public else set())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.key is None or scope["type"] != "http" or scope["path"] in self.open:
+            return await self.app(scope, receive, send)
+        given = next((value for name, value in scope["headers"] if name == b"x-api-key"), None)
+        # Constant-time comparison: the time taken says nothing about how much of the key matched.
+        if given is not None and hmac.compare_digest(given, self.key):
+            return await self.app(scope, receive, send)
+        self.metrics.rejections.labels("unauthorized").inc()
+        response = error_response(401, "unauthorized", "missing or wrong X-API-Key",
+                                  headers={"WWW-Authenticate": "ApiKey"})
+        await response(scope, receive, send)

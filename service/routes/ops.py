@@ -1,13 +1,15 @@
-"""Health, readiness, metrics and model metadata: unauthenticated, cheap, never queued."""
+"""Health, readiness, metrics and model metadata: cheap, never queued. The probes need no API key; /metrics and
+/v1/model need it when the server has one (/metrics not with VAE_METRICS_PUBLIC), see ApiKeyRequired."""
 
 from fastapi import APIRouter, Response
 from service.responses import JSONResponse
 
 from service.deps import State
 from service.metrics import CONTENT_TYPE
-from service.schemas import ModelOut, Status
+from service.schemas import ErrorResponse, ModelOut, Status
 
 router = APIRouter(tags=["ops"])
+KEYED = {401: {"model": ErrorResponse, "description": "Missing or wrong X-API-Key (when the server has a key)."}}
 
 
 @router.get("/livez", response_model=Status, responses={503: {"model": Status}})
@@ -27,7 +29,7 @@ async def readyz(state: State) -> JSONResponse:
     return JSONResponse({"status": status}, status_code=503, headers={"Retry-After": "1"})
 
 
-@router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE: {}}}})
+@router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE: {}}}, **KEYED})
 async def metrics(state: State) -> Response:
     """Prometheus text exposition."""
     if state.runtime is not None:
@@ -37,7 +39,7 @@ async def metrics(state: State) -> Response:
     return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
 
-@router.get("/v1/model", response_model=ModelOut, responses={503: {}})
+@router.get("/v1/model", response_model=ModelOut, responses={503: {}, **KEYED})
 async def model(state: State) -> JSONResponse:
     """The served artifact: device, sha256, shapes and its metadata.json (calibration scores left out)."""
     if state.runtime is None:

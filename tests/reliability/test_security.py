@@ -1,5 +1,6 @@
-"""Who gets in, and what leaks: the API key on every model endpoint, CORS off unless configured, no keys or
-request bodies in the logs, and a pinned artifact checksum that stops the CLI with a clear message."""
+"""Who gets in, and what leaks: the API key on everything but the two probes (and /metrics only when opened
+explicitly), CORS off unless configured, no keys or request bodies in the logs, and a pinned artifact checksum
+that stops the CLI with a clear message."""
 
 import base64
 import hashlib
@@ -15,11 +16,15 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from live_server import REPO
+from prometheus_client.parser import text_string_to_metric_families
 from service.app import create_app
 from service.config import Settings
 
 KEY = "k3y-f0r-the-tests-7f2a9c"
-OPS = {"/livez", "/readyz", "/metrics", "/v1/model"}  # operational endpoints, open by design (deploy/README.md)
+PROBES = {"/livez", "/readyz"}  # what an orchestrator calls without credentials
+# Served by the app but not listed in its OpenAPI document: the document itself and the Swagger UI.
+UNLISTED = {("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/docs/oauth2-redirect"),
+            ("GET", "/static-offline-docs/swagger-ui.css")}
 
 
 def npy_body(n: int = 1) -> bytes:
@@ -43,31 +48,63 @@ def wait_ready(client: TestClient, timeout: float = 60.0) -> None:
         time.sleep(0.02)
 
 
-def model_operations(client: TestClient):
-    """Every (method, path) in the OpenAPI document that is not an operational endpoint."""
-    spec = client.get("/openapi.json").json()
-    return [(method.upper(), path) for path, item in spec["paths"].items() for method in item if path not in OPS]
+def guarded_operations(client: TestClient):
+    """Every (method, path) the app serves but the probes: its OpenAPI document's, read with the key, and the
+    unlisted ones."""
+    spec = client.get("/openapi.json", headers={"x-api-key": KEY}).json()
+    listed = {(method.upper(), path) for path, item in spec["paths"].items() for method in item}
+    return sorted({op for op in listed if op[1] not in PROBES} | UNLISTED)
+
+
+def rejections(client: TestClient) -> float:
+    text = client.get("/metrics", headers={"x-api-key": KEY}).text
+    return next(s.value for family in text_string_to_metric_families(text) for s in family.samples
+                if s.name == "vae_rejections_total" and s.labels == {"reason": "unauthorized"})
 
 
 @pytest.mark.parametrize("key", [None, "", "wrong", KEY[:-1], KEY + "x", KEY.upper(), b"\xff" * len(KEY)])
-def test_every_model_endpoint_needs_the_key(keyed, key):
-    operations = model_operations(keyed)
-    assert {path for _, path in operations} >= {"/encode", "/decode", "/sample", "/interpolate", "/anomaly-score"}
+def test_everything_but_the_probes_needs_the_key(keyed, key):
+    operations = guarded_operations(keyed)
+    assert {path for _, path in operations} >= {"/encode", "/decode", "/sample", "/interpolate", "/anomaly-score",
+                                                 "/metrics", "/v1/model", "/docs", "/openapi.json"}
     headers = {} if key is None else {"x-api-key": key}
-    for method, path in operations:
+    before = rejections(keyed)
+    for method, path in operations + [("GET", "/no-such-path")]:
         response = keyed.request(method, path, content=npy_body(),
                                  headers={**headers, "content-type": "application/x-npy"})
         assert response.status_code == 401, (method, path, response.text)
         assert response.json()["error"]["code"] == "unauthorized" and KEY not in response.text
         assert response.headers["www-authenticate"] == "ApiKey"
+    assert rejections(keyed) - before == len(operations) + 1
 
 
-def test_the_right_key_gets_in_and_ops_endpoints_need_none(keyed):
+def test_the_right_key_opens_everything_and_the_probes_need_none(keyed):
+    auth = {"x-api-key": KEY}
     assert keyed.post("/encode", content=npy_body(), headers={"content-type": "application/x-npy",
-                                                              "x-api-key": KEY}).status_code == 200
-    assert keyed.post("/sample", json={"n": 1}, headers={"x-api-key": KEY}).status_code == 200
-    for path in OPS:
+                                                              **auth}).status_code == 200
+    assert keyed.post("/sample", json={"n": 1}, headers=auth).status_code == 200
+    for method, path in UNLISTED | {("GET", "/metrics"), ("GET", "/v1/model")}:
+        assert keyed.request(method, path, headers=auth).status_code == 200, path
+    for path in PROBES:
         assert keyed.get(path).status_code == 200, path
+
+
+def test_metrics_public_opens_metrics_and_nothing_else(digits_artifact):
+    settings = Settings(model_path=digits_artifact, device="cpu", api_key=KEY, metrics_public=True,
+                        max_batch_rows=16, buckets=[4, 16])
+    with TestClient(create_app(settings)) as client:
+        wait_ready(client)
+        assert client.get("/metrics").status_code == 200
+        for method, path in guarded_operations(client):
+            if path != "/metrics":
+                assert client.request(method, path).status_code == 401, path
+
+
+def test_metrics_public_is_read_from_the_environment(monkeypatch):
+    monkeypatch.setenv("VAE_METRICS_PUBLIC", "true")
+    assert Settings().metrics_public is True
+    monkeypatch.delenv("VAE_METRICS_PUBLIC")
+    assert Settings().metrics_public is False
 
 
 def test_an_empty_api_key_is_never_the_key(digits_artifact):
@@ -116,6 +153,13 @@ def test_cors_is_off_unless_origins_are_configured(digits_artifact):
         assert ok.headers.get("access-control-allow-origin") == "https://app.example"
         evil = client.options("/sample", headers=preflight)
         assert evil.headers.get("access-control-allow-origin") != "https://evil.example"
+    # A browser's preflight never carries the key: with one set, it must still be answered (by CORS, not 401).
+    keyed_cors = Settings(model_path=digits_artifact, device="cpu", cors_origins=["https://app.example"],
+                          api_key=KEY, max_batch_rows=16, buckets=[4, 16])
+    with TestClient(create_app(keyed_cors)) as client:
+        ok = client.options("/sample", headers={**preflight, "origin": "https://app.example"})
+        assert ok.status_code == 200 and ok.headers.get("access-control-allow-origin") == "https://app.example"
+        assert client.post("/sample", json={"n": 1}, headers={"origin": "https://app.example"}).status_code == 401
 
 
 def _serve(artifact, env):

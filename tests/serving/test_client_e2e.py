@@ -329,5 +329,6 @@ async def test_in_process_draining_is_overloaded(digits_artifact: Path):
 
 
 async def transport_get(transport: httpx.ASGITransport, path: str) -> str:
-    async with httpx.AsyncClient(transport=transport, base_url="http://vae") as client:
+    # With an API key set, /metrics needs it too.
+    async with httpx.AsyncClient(transport=transport, base_url="http://vae", headers={"x-api-key": "s3cret"}) as client:
         return (await client.get(path)).text

@@ -115,6 +115,7 @@ def test_api_key_guards_everything_but_health(settings):
         assert c.post("/sample", json={"n": 1}).status_code == 401
         assert c.post("/sample", json={"n": 1}, headers={"x-api-key": "wrong"}).status_code == 401
         assert c.post("/sample", json={"n": 1}, headers={"x-api-key": "s3cret"}).status_code == 200
-        assert c.get("/livez").status_code == 200 and c.get("/metrics").status_code == 200
+        assert c.get("/livez").status_code == 200 and c.get("/metrics").status_code == 401
+        c.headers["x-api-key"] = "s3cret"
         samples = metric_samples(c)
-        assert samples[("vae_rejections_total", (("reason", "unauthorized"),))] == 2
+        assert samples[("vae_rejections_total", (("reason", "unauthorized"),))] == 3
