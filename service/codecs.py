@@ -9,6 +9,7 @@ How an uploaded image becomes model input (``decode_image``):
 1. Size guard: ``width * height`` of the source image, read from the file header before any pixel is decoded,
    must not exceed ``ImageSpec.max_pixels`` (default 4096 * 4096), else ``ImageTooLarge``. Pillow's global
    ``Image.MAX_IMAGE_PIXELS`` is neither changed nor relied on (if it trips first, that is ImageTooLarge too).
+   ``source_pixels`` stops here: what decoding a file will cost is known before any file is decoded.
 2. Animated images (GIF, APNG, WebP, ...): the first frame is used.
 3. 16-bit grayscale ("I;16", and "I" clipped to 0..65535) becomes 8-bit as round(v / 257): 65535 -> 255,
    the whole range kept (neither clipped at 255 nor cut to the high byte).
@@ -33,11 +34,14 @@ import base64
 import binascii
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import List, TypeVar
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+T = TypeVar("T")
 
 class InvalidInput(ValueError):
     """Base for client-side input errors; ``code`` is a short machine-readable string."""
@@ -81,6 +85,19 @@ _REFUSED_FORMATS = frozenset({"EPS"})  # EpsImagePlugin shells out to Ghostscrip
 
 def decode_image(data: bytes, spec: ImageSpec) -> np.ndarray:
     """Any Pillow-readable image (PNG, JPEG, BMP, GIF first frame, WebP, TIFF...) -> uint8 (C, H, W)."""
+    return _opened(data, spec, lambda source: _decoded(source, spec))
+
+
+def source_pixels(data: bytes, spec: ImageSpec) -> int:
+    """``width * height`` of an image file from its header alone: microseconds whatever the size, because
+    nothing is decoded. The same refusals as ``decode_image`` for what a header shows (empty or unidentifiable
+    data, EPS, more than ``spec.max_pixels``); a file whose pixel data is broken is only found by decoding."""
+    return _opened(data, spec, lambda source: source.width * source.height)
+
+
+def _opened(data: bytes, spec: ImageSpec, use: Callable[[Image.Image], T]) -> T:
+    """``use(image)`` on the image in ``data``, opened (its header read) and checked against rule 1 and the
+    refused formats; every way Pillow fails on client data becomes an ``InvalidInput``."""
     if not data:
         raise InvalidImage("empty image data")
     try:
@@ -90,11 +107,7 @@ def decode_image(data: bytes, spec: ImageSpec) -> np.ndarray:
             width, height = source.size  # from the header: nothing decoded yet
             if width * height > spec.max_pixels:
                 raise ImageTooLarge(f"image is {width}x{height} pixels; the limit is {spec.max_pixels} pixels")
-            source.load()  # decode now, inside the try, so truncated data fails here and not later
-            img = _to_mode(source, "L" if spec.channels == 1 else "RGB")
-            if img.size != (spec.width, spec.height):
-                img = img.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
-            pixels = np.array(img, dtype=np.uint8)  # copy: (H, W) for "L", (H, W, 3) for "RGB"
+            return use(source)
     except InvalidInput:
         raise
     # The Warning is an exception only under `-W error`: the warnings filters are process-wide and not
@@ -107,6 +120,15 @@ def decode_image(data: bytes, spec: ImageSpec) -> np.ndarray:
         # Pillow's plugins raise OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError... on
         # malformed data (its own fuzz harness catches Exception for that reason); all are the client's fault.
         raise InvalidImage(f"cannot decode image: {exc}") from exc
+
+
+def _decoded(source: Image.Image, spec: ImageSpec) -> np.ndarray:
+    """Rules 2-6 of the module docstring on an opened image -> uint8 (C, H, W)."""
+    source.load()  # decode now, inside _opened's try, so truncated data fails there and not later
+    img = _to_mode(source, "L" if spec.channels == 1 else "RGB")
+    if img.size != (spec.width, spec.height):
+        img = img.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
+    pixels = np.array(img, dtype=np.uint8)  # copy: (H, W) for "L", (H, W, 3) for "RGB"
     if pixels.ndim == 2:
         return pixels[None]  # (1, H, W); a fresh array, already C-contiguous
     return np.ascontiguousarray(pixels.transpose(2, 0, 1))  # (H, W, C) -> (C, H, W)
@@ -136,23 +158,40 @@ def decode_images(blobs: Sequence[bytes], spec: ImageSpec) -> np.ndarray:
     if len(blobs) == 0:
         raise InvalidInput("at least one image is required")
     batch = np.empty((len(blobs), spec.channels, spec.height, spec.width), dtype=np.uint8)
+    for index, image in enumerate(_each(decode_image, blobs, spec)):
+        batch[index] = image
+    return batch
+
+
+def sources_pixels(blobs: Sequence[bytes], spec: ImageSpec) -> int:
+    """The source pixels of all these image files, from their headers (``source_pixels``): what decoding them
+    would cost, known before any is decoded. Errors name the image, as in ``decode_images``."""
+    return sum(_each(source_pixels, blobs, spec))
+
+
+def _each(fn: Callable[[bytes, ImageSpec], T], blobs: Sequence[bytes], spec: ImageSpec) -> Iterator[T]:
     for index, data in enumerate(blobs):
         try:
-            batch[index] = decode_image(data, spec)
+            result = fn(data, spec)
         except InvalidInput as exc:
             raise type(exc)(f"image {index}: {exc}") from exc
-    return batch
+        yield result
 
 
 def decode_base64_images(items: Sequence[str], spec: ImageSpec) -> np.ndarray:
     """Base64 strings or data URLs ("data:image/png;base64,...") -> uint8 (N, C, H, W)."""
+    return decode_images(base64_files(items), spec)
+
+
+def base64_files(items: Sequence[str]) -> List[bytes]:
+    """Base64 strings or data URLs -> the image files' bytes; errors name the item's 0-based index."""
     blobs = []
     for index, item in enumerate(items):
         try:
             blobs.append(_b64decode(item))
         except InvalidImage as exc:
             raise InvalidImage(f"image {index}: {exc}") from exc
-    return decode_images(blobs, spec)
+    return blobs
 
 
 def _b64decode(item: str) -> bytes:
@@ -216,6 +255,12 @@ def decode_npy(data: bytes, spec: ImageSpec) -> np.ndarray:
     Accepts (N, C, H, W), (N, H, W, C), and for 1-channel models (N, H, W) or one (H, W) image; dtype uint8
     (0..255) or float (0..1, finite). Never unpickles.
     """
+    return npy_pixels(npy_batch(data, spec))
+
+
+def npy_batch(data: bytes, spec: ImageSpec) -> np.ndarray:
+    """``decode_npy``'s first half: a read-only (N, C, H, W) view of the array in ``data``, its header, shape
+    and dtype checked, no pixel read or copied yet (so its rows can be counted before any work)."""
     array = _read_npy(data)
     c, h, w = spec.channels, spec.height, spec.width
     shape = array.shape
@@ -234,10 +279,16 @@ def decode_npy(data: bytes, spec: ImageSpec) -> np.ndarray:
         raise InvalidArray(f"array shape {shape} does not match the model: expected {accepted}")
     if array.shape[0] == 0:
         raise InvalidArray("the batch is empty")
+    if array.dtype != np.uint8 and array.dtype.kind != "f":
+        raise InvalidArray(f"dtype {array.dtype} is not accepted: send uint8 (0..255) or float (0..1)")
+    return array
+
+
+def npy_pixels(array: np.ndarray) -> np.ndarray:
+    """``decode_npy``'s second half: ``npy_batch``'s view -> a C-contiguous uint8 copy; float pixels must be
+    finite and in [0, 1]."""
     if array.dtype == np.uint8:
         return np.array(array, dtype=np.uint8, order="C")  # copy: the input view is read-only
-    if array.dtype.kind != "f":
-        raise InvalidArray(f"dtype {array.dtype} is not accepted: send uint8 (0..255) or float (0..1)")
     if not np.isfinite(array).all():
         raise InvalidArray("float pixels must be finite (found NaN or inf)")
     low, high = float(array.min()), float(array.max())

@@ -54,6 +54,10 @@ class Settings(BaseSettings):
     max_n: int = Field(512, ge=1)  # /sample
     max_steps: int = Field(256, ge=2)  # /interpolate
     max_k: int = Field(1024, ge=1)  # importance samples per anomaly score
+    # Source pixels of all the images of one request, summed from their headers before any is decoded:
+    # decoding costs by pixels, not bytes (a 15 KB PNG can hold 16 M pixels). 64 Mi: four images of the
+    # largest size max_pixels allows, a fraction of a CPU-second of decoding.
+    max_request_pixels: int = Field(64 * 1024 * 1024, ge=1)
     # /metrics without the API key, for an in-cluster scraper that cannot send one; everything else but
     # /livez and /readyz still needs the key.
     metrics_public: bool = False

@@ -2,16 +2,24 @@
 
 Image bodies come in three forms, chosen by Content-Type: ``multipart/form-data`` (one or more file parts),
 ``application/json`` (``{"images": [base64, ...]}``) or ``application/x-npy`` (one uint8/float batch).
-A small body (up to ``INLINE_BYTES``: one or a few small images) is parsed and decoded right on the event
-loop, where a 28x28 PNG takes about 25 us, less than a hop to the thread pool and back; a larger one is
-parsed and decoded in the thread pool, so a big upload never stalls other requests.
+Every image body goes through the same three steps, each refusing before the next costs anything:
+
+1. split the body into image files (for npy: read its header), and count them against ``max_rows``;
+2. read every file's header: its size in pixels (and ``max_pixels`` per image), summed over the request and
+   checked against the server's ``max_request_pixels`` (413): decoding cost follows pixels, not bytes (a
+   15 KB PNG can hold 4000x4000 pixels, 40 ms of decoding), so a request is refused before any decoding;
+3. decode.
+
+Steps 1-2 run on the event loop for a small body (up to ``INLINE_BYTES``), step 3 only when the body is small
+AND holds few pixels (up to ``INLINE_PIXELS``): there, a 28x28 PNG takes about 25 us, less than a hop to the
+thread pool and back (~100 us). Anything larger runs in the thread pool, so no upload stalls other requests.
 
 Multipart bodies are split with python-multipart's parser directly: the whole body is in memory already
 (``BodyLimit`` bounds it), and Starlette's form machinery (a spooled temporary file per part) costs about
 three times as much per small image.
 """
 
-from typing import Callable, Dict, List, Type, TypeVar
+from typing import Callable, Dict, List, Sequence, Tuple, Type, TypeVar
 
 import numpy as np
 import orjson
@@ -28,6 +36,7 @@ from service.schemas import ImagesIn
 
 NPY_TYPES = (NPY, "application/octet-stream")
 INLINE_BYTES = 16 * 1024
+INLINE_PIXELS = 16 * 1024  # e.g. one 128x128 image or twenty 28x28 digits: ~0.1 ms of decoding
 M = TypeVar("M", bound=BaseModel)
 
 # OpenAPI description of an image body, shared by every endpoint that takes images.
@@ -73,40 +82,65 @@ async def read_json(request: Request, model: Type[M]) -> M:
 
 
 async def read_images(request: Request, spec: codecs.ImageSpec, max_rows: int) -> np.ndarray:
-    """Any accepted image body -> uint8 (N, C, H, W) in the model's mode and size."""
+    """Any accepted image body -> uint8 (N, C, H, W) in the model's mode and size, within ``max_rows`` and the
+    server's ``max_request_pixels`` (the module docstring's three steps)."""
+    max_pixels = request.app.state.service.settings.max_request_pixels
     kind = media_type(request)
     if kind == "multipart/form-data":
         body = await request.body()
         content_type = request.headers["content-type"]
-        return await _decode(len(body), _multipart_images, body, content_type, spec, max_rows)
+        files, pixels = await _inline_if(len(body) <= INLINE_BYTES, _multipart_images, body, content_type, spec,
+                                         max_rows)
+        return await _decode(files, pixels, len(body), spec, max_pixels)
     if kind == "application/json":
         payload = await read_json(request, ImagesIn)
-        _check_rows(len(payload.images), max_rows)
-        size = sum(len(item) for item in payload.images)
-        return await _decode(size, codecs.decode_base64_images, payload.images, spec)
+        return await decode_base64(payload.images, spec, max_rows, max_pixels)
     if kind in NPY_TYPES:
         body = await request.body()
-        images = await _decode(len(body), codecs.decode_npy, body, spec)
-        _check_rows(len(images), max_rows)
-        return images
+        batch = codecs.npy_batch(body, spec)  # a view: the header read, no pixel touched
+        _check_rows(len(batch), max_rows)
+        _check_pixels(batch.size // spec.channels, max_pixels)
+        # No compression in npy: its bytes are its pixels, and the byte count alone says what copying costs.
+        return await _inline_if(len(body) <= INLINE_BYTES, codecs.npy_pixels, batch)
     raise UnsupportedMediaType(
         f"send images as multipart/form-data, application/json or {NPY}, not {kind or 'no Content-Type'}"
     )
 
 
-async def _decode(size: int, fn: Callable, *args):
-    """``fn(*args)`` on the event loop for a small body, in the thread pool for a large one."""
-    if size <= INLINE_BYTES:
+async def decode_base64(items: Sequence[str], spec: codecs.ImageSpec, max_rows: int, max_pixels: int) -> np.ndarray:
+    """Base64 images or data URLs (a JSON body's) -> uint8 (N, C, H, W), with ``read_images``' steps and limits."""
+    _check_rows(len(items), max_rows)
+    size = sum(len(item) for item in items)
+    files, pixels = await _inline_if(size <= INLINE_BYTES, _base64_images, items, spec)
+    return await _decode(files, pixels, size, spec, max_pixels)
+
+
+async def _decode(files: List[bytes], pixels: int, size: int, spec: codecs.ImageSpec, max_pixels: int) -> np.ndarray:
+    _check_pixels(pixels, max_pixels)
+    return await _inline_if(size <= INLINE_BYTES and pixels <= INLINE_PIXELS, codecs.decode_images, files, spec)
+
+
+async def _inline_if(inline: bool, fn: Callable, *args):
+    """``fn(*args)`` right here on the event loop when it is cheap, else in the thread pool."""
+    if inline:
         return fn(*args)
     return await run_in_threadpool(fn, *args)
 
 
-def _multipart_images(body: bytes, content_type: str, spec: codecs.ImageSpec, max_rows: int) -> np.ndarray:
+def _multipart_images(body: bytes, content_type: str, spec: codecs.ImageSpec,
+                      max_rows: int) -> Tuple[List[bytes], int]:
+    """Steps 1-2 for multipart: the file parts, and their source pixels in all."""
     files = multipart_files(body, content_type, max_parts=max_rows + 1)
     _check_rows(len(files), max_rows)
     if not files:
         raise codecs.InvalidImage("multipart body has no file part")
-    return codecs.decode_images(files, spec)
+    return files, codecs.sources_pixels(files, spec)
+
+
+def _base64_images(items: Sequence[str], spec: codecs.ImageSpec) -> Tuple[List[bytes], int]:
+    """Steps 1-2 for base64 items: the image files, and their source pixels in all."""
+    files = codecs.base64_files(items)
+    return files, codecs.sources_pixels(files, spec)
 
 
 def multipart_files(body: bytes, content_type: str, max_parts: int) -> List[bytes]:
@@ -178,4 +212,10 @@ def latents(z: List[List[float]], dim: int, max_rows: int) -> np.ndarray:
 def _check_rows(n: int, max_rows: int) -> None:
     if n > max_rows:
         raise RequestTooLarge(f"{n} rows in one request; the limit is {max_rows}")
+
+
+def _check_pixels(pixels: int, max_pixels: int) -> None:
+    if pixels > max_pixels:
+        raise RequestTooLarge(f"the images of this request hold {pixels} pixels in all (from their headers); "
+                              f"the limit is {max_pixels} per request")
 

@@ -5,12 +5,11 @@ from typing import Annotated, Literal, Optional
 
 import numpy as np
 from fastapi import APIRouter, Query, Request, Response
-from starlette.concurrency import run_in_threadpool
 
 from service import codecs, latent
 from service.deps import CALL_HEADERS, Model, client_gone
 from service.errors import RequestTooLarge
-from service.inputs import IMAGE_BODY, json_body, latents, read_images, read_json
+from service.inputs import IMAGE_BODY, decode_base64, json_body, latents, read_images, read_json
 from service.responses import NPY, JSONResponse, images_response, wants_npy
 from service.schemas import EncodeOut, ErrorResponse, ImagesOut, InterpolateIn, LatentsIn, SampleIn
 
@@ -91,7 +90,7 @@ async def _end_latents(request: Request, state, deadline: float) -> np.ndarray:
             raise codecs.InvalidInput("give exactly one of z (two latents) or images (two base64 images)")
         if body.z is not None:
             return latents(body.z, dim, 2)
-        images = await run_in_threadpool(codecs.decode_base64_images, body.images, state.image_spec)
+        images = await decode_base64(body.images, state.image_spec, 2, state.settings.max_request_pixels)
     else:
         images = await read_images(request, state.image_spec, 2)
     if len(images) != 2:
