@@ -49,17 +49,25 @@ class ModelInfo:
     sha256: str  # of the artifact file
 
 
+def cpu_call_sizes(largest: int) -> List[int]:
+    """The sizes CPU calls run at: every size up to 4, then multiples of 4 up to 16 and of 8 beyond, and the
+    largest. A call is padded by at most 7 rows, and the shapes stay few: oneDNN keeps a primitive per shape
+    (measured: about 6 MB each for the 28x28 decoder's transposed convolutions, 420 MB for all 64 sizes)."""
+    sizes = set(range(1, 5)) | set(range(8, 17, 4)) | set(range(24, largest, 8)) | {largest}
+    return sorted(n for n in sizes if n <= largest)
+
+
 class ModelRuntime:
     """A loaded artifact bound to one device; its kernels may run on several threads at once.
 
     Batch shapes. A call never holds more rows than the largest bucket, and a row's result never depends on
-    how many rows share its call (bit for bit). On a GPU every call is zero-padded up to the smallest
-    bucket that fits: few shapes, each warmed once. On CPU padding costs compute (17 rows padded to 64 cost
-    64 rows), so a call runs at its exact size, padded only up to the smallest size from which this model
-    gives identical rows on this machine. ``warm_up`` measures that size per kernel by running the same rows
-    at every batch size up to the largest call. With MKL's strict reproducible mode (``devices.pin_cpu_numerics``)
-    matrix products do not depend on the batch size and that size is 1 or 2; without it, small batches take
-    other kernels whose last bits differ, and small calls are padded (up to 16 rows on AVX-512 machines).
+    how many rows share its call (bit for bit). A call runs at one of a few sizes (``call_sizes``), zero-padded
+    up to the smallest that fits: on a GPU the buckets, each warmed once; on CPU, where padding costs compute,
+    a finer grid (``cpu_call_sizes``: exact up to 4 rows, then steps of 4 and 8). Each size is a shape the
+    executor and oneDNN keep state for, so the grid bounds memory and warm-up as well. ``warm_up`` also checks,
+    on CPU, that every call size gives each row the bits of the largest call, and pads smaller calls up to the
+    size from which they do. With MKL's strict reproducible mode (``devices.pin_cpu_numerics``) they all do;
+    without it, small calls take other kernels whose last bits differ (below 16 rows on AVX-512 machines).
     """
 
     def __init__(self, path: Path, *, device: str = "auto", buckets: Sequence[int] = (4, 16, 64),
@@ -77,13 +85,14 @@ class ModelRuntime:
             sha256=expected_sha256.lower() if expected_sha256 else file_sha256(Path(path)),  # a pin was checked
         )
         self.buckets = sorted(set(int(b) for b in buckets))
+        self.call_sizes = self.buckets if self.device.type == "cuda" else cpu_call_sizes(self.buckets[-1])
         self.max_score_decodes = max_score_decodes or SCORE_DECODES.get(self.device.type, SCORE_DECODES["cuda"])
         self._noise: "OrderedDict[int, torch.Tensor]" = OrderedDict()
         self._noise_lock = threading.Lock()
         self._pin = self.device.type == "cuda"
-        # Per kernel: None = pad every call up to a bucket; n = run at the exact size, at least n rows.
-        # Padding to buckets until warm_up has measured otherwise.
-        self.exact_from: Dict[str, Optional[int]] = {kernel: None for kernel in KERNELS}
+        # Per kernel, the smallest call size from which every row has the bits it has in the largest call:
+        # smaller calls are padded up to it. Measured by warm_up on CPU; a GPU pads to its buckets anyway.
+        self.exact_from: Dict[str, int] = {kernel: 1 for kernel in KERNELS}
 
     # -- kernels -------------------------------------------------------------------------------
     def run(self, kernel: str, rows: np.ndarray, params: Hashable = None) -> Dict[str, np.ndarray]:
@@ -97,12 +106,13 @@ class ModelRuntime:
     @torch.inference_mode()
     def encode(self, images: np.ndarray) -> Dict[str, np.ndarray]:
         """uint8 (N, C, H, W) -> mu, logvar (N, D) float32."""
-        return self._calls(self.module.encode, images, ("mu", "logvar"), self.buckets, self.exact_from["encode"])
+        return self._calls(self.module.encode, images, ("mu", "logvar"), self.call_sizes, self.exact_from["encode"])
 
     @torch.inference_mode()
     def decode(self, z: np.ndarray) -> Dict[str, np.ndarray]:
         """float32 (N, D) -> pixel means (N, C, H, W) float32 in [0, 1]."""
-        return self._calls(lambda t: (self.module.decode(t),), z, ("pixels",), self.buckets, self.exact_from["decode"])
+        return self._calls(lambda t: (self.module.decode(t),), z, ("pixels",), self.call_sizes,
+                           self.exact_from["decode"])
 
     @torch.inference_mode()
     def score(self, images: np.ndarray, k: int) -> Dict[str, np.ndarray]:
@@ -114,74 +124,74 @@ class ModelRuntime:
             iw, elbo, rec, kl, log_w = self.module.score(x, eps)
             return iw, elbo, rec, kl, log_w.t()  # log_w (K, B) -> (B, K): rows first, like the rest
 
-        exact_from = self.exact_from["score"]
-        if exact_from is not None:  # measured at the calibration's K; a row's K decodes are a decode batch
-            exact_from = max(exact_from, math.ceil(self.exact_from["decode"] / k))
-            if not self.metadata.scoring.batch_invariant:  # an older score: one call size keeps a row's bits
-                exact_from = self.score_buckets(k)[-1]
-        return self._calls(score, images, ("iw_ll", "elbo", "rec", "kl", "log_w"), self.score_buckets(k), exact_from)
+        # Measured at the calibration's K; at another K a row's K decodes are a decode batch of another size.
+        exact_from = max(self.exact_from["score"], math.ceil(self.exact_from["decode"] / k))
+        if not self.metadata.scoring.batch_invariant:  # an older score: one call size keeps a row's bits
+            exact_from = self.score_sizes(k)[-1]
+        return self._calls(score, images, ("iw_ll", "elbo", "rec", "kl", "log_w"), self.score_sizes(k), exact_from)
 
-    def score_buckets(self, k: int) -> List[int]:
-        """Buckets for a score call: a row costs K decodes, so rows per call shrink as K grows."""
-        cap = max(1, min(self.buckets[-1], self.max_score_decodes // k))
-        return [b for b in self.buckets if b < cap] + [cap]
+    def score_sizes(self, k: int) -> List[int]:
+        """Call sizes of a score: a row costs K decodes, so rows per call shrink as K grows."""
+        cap = max(1, min(self.call_sizes[-1], self.max_score_decodes // k))
+        return [b for b in self.call_sizes if b < cap] + [cap]
 
     def max_rows(self, kernel: str, params: Hashable = None) -> int:
         """Most rows in one call of ``kernel`` (for a score, with K = ``params``)."""
-        return self.score_buckets(int(params or self.info.score_k))[-1] if kernel == "score" else self.buckets[-1]
+        return self.score_sizes(int(params or self.info.score_k))[-1] if kernel == "score" else self.call_sizes[-1]
 
-    def warm_up(self, score_k: Optional[int] = None, rounds: int = 3) -> float:
-        """Measure the exact-size batching (CPU), then run every kernel at its call sizes, ``rounds`` times,
-        so the profiling executor has specialised each shape before the first request."""
+    def warm_up(self, score_k: Optional[int] = None, rounds: int = 2) -> float:
+        """Check the call sizes' bits (CPU), then run every kernel at every call size, ``rounds`` times, so the
+        profiling executor has specialised and oneDNN has built each shape before the first request."""
         started = time.perf_counter()
         c, h, w, d = self.info.channels, self.info.height, self.info.width, self.info.latent_dim
         k = score_k or self.info.score_k
         if self.device.type == "cpu":
             self._probe_exact_sizes(k)
         for _ in range(rounds):
-            for b in self.buckets:
+            for b in self.call_sizes:
                 self.encode(np.zeros((b, c, h, w), np.uint8))
                 self.decode(np.zeros((b, d), np.float32))
-            # A lone score row may run unpadded (its K decodes are a batch already): warm that shape too.
-            for b in sorted(set(self.score_buckets(k)) | {1}):
+            for b in self.score_sizes(k):
                 self.score(np.zeros((b, c, h, w), np.uint8), k)
         return time.perf_counter() - started
 
     def _probe_exact_sizes(self, k: int) -> None:
-        """Per kernel, the smallest batch size from which every row is bit-identical to the same row in the
-        largest call, checked at every size from 1 up (all rows, not just the first). Calls smaller than that
-        are padded up to it, so a row's bits never depend on its company or on how a batch was formed."""
+        """Per kernel, the smallest call size from which every row is bit-identical to the same row in the
+        largest call (every call size, every output, every row). Calls smaller than that are padded up to it,
+        so a row's bits never depend on its company or on how a batch was formed."""
         rng = np.random.default_rng(0)
         c, h, w, d = self.info.channels, self.info.height, self.info.width, self.info.latent_dim
-        top = self.buckets[-1]
+        top = self.call_sizes[-1]
         latents = rng.standard_normal((top, d)).astype(np.float32)
         # Noise images and the model's own samples: a difference in summation order can hide on inputs whose
         # importance weights one sample dominates (noise), and show on typical ones (many weigh in).
         samples = np.round(self.decode(latents)["pixels"] * 255.0).astype(np.uint8)
         noise = rng.integers(0, 256, size=(top, c, h, w), dtype=np.uint8)
         images = np.where(np.arange(top)[:, None, None, None] % 2 == 0, samples, noise)
+        score_sizes = self.score_sizes(k)
+        scored = images[:max(16, score_sizes[-1])]
 
         def score_in_calls_of(n: int) -> Dict[str, np.ndarray]:
             # Every probe image at every call size: a summation order that differs only for some inputs
-            # (the K weights' log-sum-exp) gets many chances to show.
-            parts = [self.score(images[i:i + n], k) for i in range(0, top - top % n, n)]
+            # (the K weights' log-sum-exp) gets several chances to show.
+            parts = [self.score(scored[i:i + n], k) for i in range(0, len(scored) - len(scored) % n, n)]
             return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
         calls = {
-            "encode": (lambda n: self.encode(images[:n]), top),
-            "decode": (lambda n: self.decode(latents[:n]), top),
-            "score": (score_in_calls_of, self.score_buckets(k)[-1]),
+            "encode": (lambda n: self.encode(images[:n]), self.call_sizes),
+            "decode": (lambda n: self.decode(latents[:n]), self.call_sizes),
+            "score": (score_in_calls_of, score_sizes),
         }
-        for kernel, (run, largest) in calls.items():
-            self.exact_from[kernel] = 1  # every probe at its exact size
-            reference = run(largest)
-            differ = [n for n in range(1, largest)
+        for kernel, (run, sizes) in calls.items():
+            self.exact_from[kernel] = 1  # every probe at its own call size
+            reference = run(sizes[-1])
+            differ = [n for n in sizes[:-1]
                       if not all(np.array_equal(out, reference[name][:len(out)]) for name, out in run(n).items())]
             if differ:
-                log.warning("%s: rows differ from the %d-row call at batch sizes %s; smaller calls are padded",
-                            kernel, largest, differ)
-            self.exact_from[kernel] = max(differ, default=0) + 1
-        log.info("exact-size batching from %s rows", self.exact_from)
+                log.warning("%s: rows differ from the %d-row call at call sizes %s; smaller calls are padded",
+                            kernel, sizes[-1], differ)
+            self.exact_from[kernel] = next((n for n in sizes if n > max(differ)), sizes[-1]) if differ else 1
+        log.info("call sizes %s; every row as in the largest call from %s rows", self.call_sizes, self.exact_from)
 
     def gpu_memory(self) -> Dict[str, int]:
         if self.device.type != "cuda":
@@ -189,14 +199,14 @@ class ModelRuntime:
         return {"allocated": torch.cuda.memory_allocated(self.device), "reserved": torch.cuda.memory_reserved(self.device)}
 
     # -- helpers -------------------------------------------------------------------------------
-    def _calls(self, fn: Call, rows: np.ndarray, names: Tuple[str, ...], buckets: List[int],
-               exact_from: Optional[int]) -> Dict[str, np.ndarray]:
-        """``fn`` over ``rows`` in calls of at most the largest bucket, each zero-padded up to a bucket size
-        (``exact_from`` None) or up to ``exact_from`` rows; outputs row-first, padding cut off."""
+    def _calls(self, fn: Call, rows: np.ndarray, names: Tuple[str, ...], sizes: List[int],
+               exact_from: int) -> Dict[str, np.ndarray]:
+        """``fn`` over ``rows`` in calls of at most the largest size, each zero-padded up to the smallest call
+        size that holds its rows and is at least ``exact_from``; outputs row-first, padding cut off."""
         def padded_size(n: int) -> int:
-            return next(b for b in buckets if b >= n) if exact_from is None else max(n, exact_from)
+            return next(b for b in sizes if b >= max(n, exact_from))
 
-        step = buckets[-1]
+        step = sizes[-1]
         parts = [self._padded_call(fn, self._to_device(np.ascontiguousarray(rows[start:start + step])), padded_size)
                  for start in range(0, len(rows), step)]
         # .cpu() is the device sync point.

@@ -37,16 +37,19 @@ def runtime(digits_artifact):
     return runtime
 
 
-def test_cpu_calls_run_at_their_exact_size(runtime):
-    assert all(isinstance(n, int) for n in runtime.exact_from.values()), runtime.exact_from
+def test_cpu_calls_run_at_the_smallest_call_size_that_holds_them(runtime):
+    """Exact up to 4 rows, then at most 7 rows of padding; over the largest size, split."""
+    assert runtime.call_sizes == [1, 2, 3, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64]
     images = np.random.default_rng(1).integers(0, 256, size=(150, 1, 8, 8), dtype=np.uint8)
     runtime.module.sizes.clear()
     runtime.encode(images[:17])
-    runtime.encode(images)  # over the largest bucket: split into calls of at most 64
+    runtime.encode(images)  # over the largest size: split into calls of at most 64
     runtime.decode(np.zeros((5, runtime.info.latent_dim), np.float32))
-    low = runtime.exact_from["encode"]
-    assert runtime.module.sizes == [("encode", max(17, low)), ("encode", 64), ("encode", 64), ("encode", 22),
-                                    ("decode", max(5, runtime.exact_from["decode"]))]
+    runtime.encode(images[:3])
+    low = runtime.exact_from
+    assert runtime.module.sizes == [("encode", max(24, low["encode"])), ("encode", 64), ("encode", 64),
+                                    ("encode", 24), ("decode", max(8, low["decode"])),
+                                    ("encode", max(3, low["encode"]))]
 
 
 @pytest.mark.parametrize("kernel", ["encode", "decode", "score"])
@@ -70,13 +73,13 @@ def test_rows_are_bit_identical_at_every_batch_size(runtime, digit_images, kerne
 
 def test_a_kernel_whose_rows_depend_on_the_batch_size_is_padded_up_to_where_they_agree(digits_artifact):
     runtime = ModelRuntime(digits_artifact, device="cpu")
-    runtime.module = Recording(runtime.module, skew_encode_at={7})  # as if 7 rows took another kernel
+    runtime.module = Recording(runtime.module, skew_encode_at={12})  # as if 12 rows took another kernel
     runtime.warm_up(rounds=1)
-    assert runtime.exact_from["encode"] == 8
+    assert runtime.exact_from["encode"] == 16
     runtime.module.sizes.clear()
-    for n in (1, 7, 9):
+    for n in (1, 7, 17):
         runtime.encode(np.zeros((n, 1, 8, 8), np.uint8))
-    assert runtime.module.sizes == [("encode", 8), ("encode", 8), ("encode", 9)]  # from 8 rows, the established bits
+    assert runtime.module.sizes == [("encode", 16), ("encode", 16), ("encode", 24)]  # the established bits
 
 
 def test_an_older_score_whose_rows_depend_on_the_batch_size_runs_at_one_size():
