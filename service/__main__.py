@@ -51,7 +51,6 @@ def _supervise(settings: Settings) -> int:
     import os
 
     from service import processes
-    from service.serve import serve_child
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with tempfile.TemporaryDirectory(prefix="vae-metrics-") as metrics_dir:
@@ -60,7 +59,7 @@ def _supervise(settings: Settings) -> int:
         count = settings.server_processes()
         child_settings = settings.model_copy(update={"metrics_dir": Path(metrics_dir), "processes": count})
         sock = processes.bind(settings.host, settings.port)
-        supervisor = processes.Supervisor(partial(serve_child, child_settings), sock, count,
+        supervisor = processes.Supervisor(partial(processes.serve_child, child_settings), sock, count,
                                           grace_s=settings.grace_period_s, metrics_dir=Path(metrics_dir))
         return supervisor.run()
 

@@ -123,6 +123,16 @@ class Supervisor:
         log.info("supervisor %d: every server process stopped", os.getpid())
 
 
+def serve_child(settings, sock: socket.socket) -> None:
+    """A supervisor's child: one server process (``service.serve``) on the shared socket; its exit status is
+    serve's. Imported here, in the child, so the supervisor never loads torch or the app."""
+    import sys
+
+    from service.serve import serve
+
+    sys.exit(serve(settings, sock))
+
+
 def default_processes(device: str, cpus: int) -> int:
     """One per usable core on CPU (up to 8); one on a GPU, where one process batches for the whole device."""
     if device.startswith("cuda") or (device == "auto" and Path("/dev/nvidiactl").exists() and _cuda()):
@@ -147,4 +157,4 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-__all__ = ["READY_GAUGE", "REFUSED", "Supervisor", "bind", "default_processes", "processes_ready"]
+__all__ = ["READY_GAUGE", "REFUSED", "Supervisor", "bind", "default_processes", "processes_ready", "serve_child"]

@@ -56,8 +56,3 @@ def serve(settings: Settings, sock: Optional[socket.socket] = None) -> int:
                             timeout_graceful_shutdown=settings.grace_period_s, access_log=False)
     DrainingServer(config, app.state.service).run(sockets=[sock] if sock is not None else None)
     return 0
-
-
-def serve_child(settings: Settings, sock: socket.socket) -> None:
-    """A supervisor's child: its exit status is serve's."""
-    sys.exit(serve(settings, sock))
