@@ -115,7 +115,7 @@ def run(args: argparse.Namespace, ctx: distributed.DistContext) -> Optional[Dict
         ds = recipe.load()
     except (ValueError, FileNotFoundError) as exc:  # bad --data / options: a message, not a traceback
         raise SystemExit(f"python -m training: error: {exc}") from exc
-    val, calib, test, eval_levels = held_out_splits(ds, args.binarize)
+    val, test, eval_levels = held_out_splits(ds, args.binarize)
     resume = trainer.load_checkpoint(args.resume) if args.resume else None
     config = train_config(args)
     if resume is not None and resume["train_config"] != asdict(config):
@@ -133,9 +133,10 @@ def run(args: argparse.Namespace, ctx: distributed.DistContext) -> Optional[Dict
     device = ctx.device
     test_x = to_float(test.images, eval_levels)
     metrics = evaluate.test_metrics(vae, test_x, device, k=args.eval_k, seed=args.seed)
-    # Every score kind of the calib split, computed as the service will: 8-bit images through ``score``.
+    # Every score kind of the calib split, computed as the service will: 8-bit images through ``score`` (for a
+    # binarised model too: the test metrics above use the dynamically binarised split, the scores may not).
     scoring, calibrated = calibration.calibration_sections(
-        export.ServingModule(vae.eval()).score, to_8bit(calib.images, eval_levels), k=args.score_k,
+        export.ServingModule(vae.eval()).score, calibration.calibration_images(ds), k=args.score_k,
         noise_seed=calibration.NOISE_SEED, latent_dim=vae.config.latent_dim, levels=vae.config.levels,
         device=device)
     calib_scores = calibrated["scores"]["nll"]
@@ -157,7 +158,8 @@ def run(args: argparse.Namespace, ctx: distributed.DistContext) -> Optional[Dict
         from training import report  # matplotlib and sklearn load only when a report is written
 
         vae.to(device)
-        test_scores = evaluate.anomaly_scores(vae, test_x[:REPORT_TEST_SCORES], device, k=args.score_k,
+        served_test = to_float(to_8bit(ds.test.images[:REPORT_TEST_SCORES], ds.levels), 256)  # 8-bit, as served and calibrated
+        test_scores = evaluate.anomaly_scores(vae, served_test, device, k=args.score_k,
                                               noise_seed=calibration.NOISE_SEED)
         report.write_report(args.out.parent, meta, result.history, vae=vae, test_x=test_x, test_labels=test.labels,
                             test_mu=evaluate.posterior_means(vae, test_x, device), calib_scores=calib_scores,

@@ -13,6 +13,10 @@ Calibration (``calibration.scores[kind]``) holds every kind's scores of the held
 exactly as the service computes them: 8-bit images, x = u / 255, the artifact's ``score`` with the contract's
 noise (``vae_artifact.noise``) shared by every row, and the contract's compressors. ``recalibrate`` rewrites
 those sections of an existing artifact from the TorchScript module itself.
+
+A binarised (Bernoulli) model is calibrated on the same 8-bit images as any other: the service gets 8-bit
+images and the model snaps them to {0, 1} at 0.5 itself, so scores of a random Bernoulli binarisation (the
+test metrics' dynamic binarisation, ``data.held_out_splits``) are not exchangeable with served scores.
 """
 
 from pathlib import Path
@@ -22,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from training.data import held_out_splits, to_8bit
+from training.data import Dataset, to_8bit
 from training.recipe import recorded_dataset
 from vae_artifact import complexity, noise
 from vae_artifact.calibration import importance_stats
@@ -74,6 +78,12 @@ def kind_scores(nll: np.ndarray, images: np.ndarray, levels: int,
     return scores, bits
 
 
+def calibration_images(dataset: Dataset) -> np.ndarray:
+    """The calib split as a client sends it: uint8 (N, C, H, W), 8-bit, from the data's own levels; never
+    binarised (see the module docstring)."""
+    return to_8bit(dataset.calib.images, dataset.levels)
+
+
 def calibration_sections(score: ScoreFn, calib_images: np.ndarray, *, k: int, noise_seed: int, latent_dim: int,
                          levels: int, device: torch.device = torch.device("cpu")) -> Tuple[Dict, Dict]:
     """The artifact's ``scoring`` and ``calibration`` sections from the calib split (uint8, as served)."""
@@ -100,10 +110,9 @@ def recalibrate(model: Path, *, out: Optional[Path] = None, data: Optional[str] 
         dataset = recorded_dataset(recorded, data=data, assume_defaults=assume_defaults)
     except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"{model}: cannot recalibrate: {exc}") from exc
-    _, calib, _, levels = held_out_splits(dataset, bool(recorded.get("binarize")))
     k = k or meta.scoring.k
     scoring, calibration = calibration_sections(
-        module.score, to_8bit(calib.images, levels), k=k, noise_seed=meta.scoring.noise_seed,
+        module.score, calibration_images(dataset), k=k, noise_seed=meta.scoring.noise_seed,
         latent_dim=meta.latent_dim, levels=meta.levels)
     # A property of the module's TorchScript, which recalibration keeps: an older score reduces over K in a way
     # that depends on the call size, and the service must keep scoring it at one fixed size.

@@ -28,7 +28,7 @@ _IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
 _GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
 _IDX_UBYTE = 0x08  # the IDX dtype code for unsigned bytes; MNIST and Fashion-MNIST use nothing else
 SPLIT_SEED = 0  # fixed, not --seed: runs with different seeds are evaluated and calibrated on the same images
-BINARIZE_SEED = 1234  # the one fixed draw that binarises the val / calib / test splits (+0, +1, +2)
+BINARIZE_SEED = 1234  # the one fixed draw that binarises the val / test splits (+0, +2; +1 was calib's once)
 # Default split fractions: val and calib of the pool (the non-test images), test of all images when the source
 # has no test split of its own.
 VAL_FRACTION, CALIB_FRACTION, TEST_FRACTION = 0.1, 0.1, 0.2
@@ -158,14 +158,15 @@ def binarize_once(split: Split, levels: int, seed: int) -> Split:
     return Split(bits.to(torch.uint8).numpy(), split.labels)
 
 
-def held_out_splits(dataset: Dataset, binarize: bool) -> tuple[Split, Split, Split, int]:
-    """(val, calib, test, levels) as a model trained on ``dataset`` is evaluated and calibrated: the splits
-    themselves, or for a binarised model each binarised once with its fixed seed, at 2 levels."""
-    splits = (dataset.val, dataset.calib, dataset.test)
+def held_out_splits(dataset: Dataset, binarize: bool) -> tuple[Split, Split, int]:
+    """(val, test, levels) as a model trained on ``dataset`` is evaluated: the splits themselves, or for a
+    binarised model each binarised once with its fixed seed, at 2 levels (the literature's dynamic
+    binarisation). Not the calib split: anomaly scores are calibrated on what the service gets, 8-bit images,
+    which a binarised model thresholds itself (``training.calibration.calibration_images``)."""
     if not binarize:
-        return (*splits, dataset.levels)
-    val, calib, test = (binarize_once(s, dataset.levels, BINARIZE_SEED + i) for i, s in enumerate(splits))
-    return val, calib, test, 2
+        return dataset.val, dataset.test, dataset.levels
+    return (binarize_once(dataset.val, dataset.levels, BINARIZE_SEED),
+            binarize_once(dataset.test, dataset.levels, BINARIZE_SEED + 2), 2)
 
 
 def make_loader(split: Split, levels: int, *, batch_size: int, shuffle: bool, seed: int,
