@@ -142,3 +142,12 @@ def test_evaluate_command_reports_every_kind_and_baseline(digits_artifact, tmp_p
         assert 0 <= row["auroc"] <= 1 and 0 <= row["fpr_at_95_tpr"] <= 1 and 0 <= row["fpr_at_alpha_0.05"] <= 1
     printed = capsys.readouterr().out
     assert "AUROC" in printed and f"{calibration.DEFAULT_KIND} (default)" in printed
+
+
+def test_readme_states_the_real_calibration_size_of_the_default_data():
+    """The README's anomaly section promised '>= 1000 held-out normal scores'; the default digits split has 144."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("## Anomaly scores", 1)[1].split("\n## ", 1)[0]
+    n = len(load_dataset("digits", seed=0).calib)
+    assert f"only **{n}** for the default sklearn digits" in section and f"1/{n + 1}" in section
+    assert "≥ 1000" not in section
