@@ -2,6 +2,7 @@
 The API key is checked before any route, for every path (service.middleware.ApiKeyRequired)."""
 
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Annotated, Optional
@@ -62,6 +63,7 @@ class ModelCall:
 # X-Request-Timeout's range. Below a millisecond a deadline has passed before the body is read: the request
 # could only ever fail, so it is refused as invalid rather than accepted and expired.
 MIN_TIMEOUT_S, MAX_TIMEOUT_S = 0.001, 3600.0
+_NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
 
 # Documented here because they are read outside FastAPI's parameters: the key by ApiKeyRequired, the timeout by
 # model_call (below).
@@ -92,10 +94,8 @@ async def model_call(request: Request) -> ModelCall:
 
 
 def _request_timeout(value: str) -> float:
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = math.nan
+    # A number as JSON writes it, as the document says: float() alone would also take "1_0", " 5" or "infinity".
+    seconds = float(value) if _NUMBER.fullmatch(value) else math.nan
     if not MIN_TIMEOUT_S <= seconds <= MAX_TIMEOUT_S:  # also refuses nan
         raise RequestValidationError([{
             "type": "value_error", "loc": ("header", "x-request-timeout"),
