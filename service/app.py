@@ -18,6 +18,7 @@ from service.deps import ServiceState
 from service.errors import install_handlers
 from service.metrics import Metrics
 from service.middleware import ApiKeyRequired, BodyLimit, InFlightLimit, RequestMetrics
+from service import openapi
 from service.routes import anomaly, inference, ops
 from service.devices import default_torch_threads, default_workers
 from service.runtime import KERNELS, ModelRuntime
@@ -42,6 +43,7 @@ def create_app(settings: Optional[Settings] = None, runtime: Optional[ModelRunti
     install_handlers(app)
     for router in (inference.router, anomaly.router, ops.router):
         app.include_router(router)
+    openapi.install(app)  # the served document states the limits of these settings and the loaded model
     app.add_middleware(ApiKeyRequired, settings=settings, metrics=state.metrics)  # inside CORS: preflights pass
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],

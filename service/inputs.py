@@ -19,7 +19,7 @@ Multipart bodies are split with python-multipart's parser directly: the whole bo
 three times as much per small image.
 """
 
-from typing import Callable, Dict, List, Sequence, Tuple, Type, TypeVar
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Type, TypeVar
 
 import numpy as np
 import orjson
@@ -39,23 +39,21 @@ INLINE_BYTES = 16 * 1024
 INLINE_PIXELS = 16 * 1024  # e.g. one 128x128 image or twenty 28x28 digits: ~0.1 ms of decoding
 M = TypeVar("M", bound=BaseModel)
 
-# OpenAPI description of an image body, shared by every endpoint that takes images.
-IMAGE_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {"file": {"type": "array", "items": {"type": "string", "format": "binary"}}},
-                    "required": ["file"],
-                }
-            },
-            "application/json": {"schema": ImagesIn.model_json_schema()},
-            NPY: {"schema": {"type": "string", "format": "binary"}},
-        },
-    }
-}
+def image_body(json_model: Type[BaseModel] = ImagesIn, files: Optional[int] = None) -> dict:
+    """OpenAPI for an image body in any of its three forms: multipart with ``files`` file parts (default: one or
+    more; service.openapi adds the server's row limit), ``json_model`` as JSON, or an npy batch."""
+    count = {"minItems": 1} if files is None else {"minItems": files, "maxItems": files}
+    file_parts = {"type": "array", "items": {"type": "string", "format": "binary"}, **count, "description": (
+        "Image files: every part with a filename is one, whatever its name. Other form fields are ignored, but "
+        "all parts count toward a limit of one more than the files allowed.")}
+    return {"requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": {"type": "object", "properties": {"file": file_parts}, "required": ["file"]}},
+        "application/json": {"schema": json_model.model_json_schema()},
+        NPY: {"schema": {"type": "string", "format": "binary"}},
+    }}}
+
+
+IMAGE_BODY = image_body()  # shared by the endpoints that take any number of images
 
 
 def json_body(model: Type[BaseModel]) -> dict:

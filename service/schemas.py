@@ -1,12 +1,32 @@
 """Request and response bodies (JSON). They define /openapi.json; routes return these shapes."""
 
-from typing import Any, Dict, List, Literal, Optional
+from typing import Annotated, Any, Dict, List, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict
 
 # Non-finite numbers are refused at parse time (422), so NaN never reaches the model.
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
 
+
+def _json_integer(value: Any) -> Any:
+    if isinstance(value, (bool, str)):  # bool first among ints: True is an int in Python
+        raise ValueError("must be a JSON integer")
+    return value
+
+
+# Numbers as the schema says them: pydantic's lax mode would also take true as 1 and "3" as 3. Floats are strict
+# (which still takes 3 for 3.0); integers are checked by hand, since a strict int refuses 3.0, which JSON Schema
+# calls an integer. (Constraints go before the validator: after it, they would not reach the schema.)
+Integer = BeforeValidator(_json_integer)
+
+FLOAT32_MAX = 3.4028234663852886e38  # np.finfo(np.float32).max
+# A latent coordinate sent to the model: finite in float32, its dtype (a larger JSON number would become inf).
+# How many per vector depends on the loaded model: service.openapi states it in the served document.
+LatentIn = List[Annotated[float, Strict(), Field(ge=-FLOAT32_MAX, le=FLOAT32_MAX)]]
+# An interpolation end: slerp scales a coordinate by at most 1 / cos(omega / 2) <= 2e6 (latent.interpolate
+# follows the great circle only up to pi - 1e-6), so from ends within 1e30 every frame is finite in float32.
+END_MAX = 1e30
+EndLatentIn = List[Annotated[float, Strict(), Field(ge=-END_MAX, le=END_MAX)]]
 Vector = List[float]
 
 
@@ -27,19 +47,23 @@ class ImagesIn(BaseModel):
 
 class LatentsIn(BaseModel):
     model_config = _STRICT
-    z: List[Vector] = Field(min_length=1, description="Latent vectors, each of the model's latent size.")
+    z: List[LatentIn] = Field(min_length=1, description="Latent vectors, each of the model's latent size.")
 
 
 class SampleIn(BaseModel):
     model_config = _STRICT
-    n: int = Field(1, ge=1, description="Number of samples (at most the server's max_n).")
-    seed: Optional[int] = Field(None, ge=0, le=2**63 - 1, description="Same seed, same images and z.")
-    temperature: float = Field(1.0, gt=0.0, le=10.0, description="Scale of the prior's standard deviation.")
+    n: Annotated[int, Integer] = Field(1, ge=1, description="Number of samples (at most the server's max_n).")
+    seed: Optional[Annotated[int, Field(ge=0, le=2**63 - 1), Integer]] = Field(
+        None, description="Same seed, same images and z.")
+    temperature: Annotated[float, Strict()] = Field(1.0, gt=0.0, le=10.0,
+                                                    description="Scale of the prior's standard deviation.")
 
 
 class InterpolateIn(BaseModel):
-    model_config = _STRICT
-    z: Optional[List[Vector]] = Field(None, min_length=2, max_length=2, description="Two end latents.")
+    # Exactly one of the two (the route checks it): the schema says so too.
+    model_config = ConfigDict(**_STRICT, json_schema_extra={"oneOf": [
+        {"required": [name], "properties": {name: {"type": "array"}}} for name in ("z", "images")]})
+    z: Optional[List[EndLatentIn]] = Field(None, min_length=2, max_length=2, description="Two end latents.")
     images: Optional[List[str]] = Field(None, min_length=2, max_length=2, description="Two base64 end images.")
 
 

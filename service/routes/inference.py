@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Request, Response
 from service import codecs, latent
 from service.deps import CALL_HEADERS, Model, client_gone
 from service.errors import RequestTooLarge
-from service.inputs import IMAGE_BODY, decode_base64, json_body, latents, read_images, read_json
+from service.inputs import IMAGE_BODY, decode_base64, image_body, json_body, latents, read_images, read_json
 from service.responses import NPY, JSONResponse, images_response, wants_npy
 from service.schemas import EncodeOut, ErrorResponse, ImagesOut, InterpolateIn, LatentsIn, SampleIn
 
@@ -62,11 +62,8 @@ async def sample(request: Request, call: Model) -> Response:
     return await images_response(request, out["pixels"], z, seed=seed)
 
 
-@router.post("/interpolate", response_model=ImagesOut, responses=IMAGES_OUT, openapi_extra={
-    "requestBody": {"required": True, "content": {
-        **IMAGE_BODY["requestBody"]["content"],
-        "application/json": {"schema": InterpolateIn.model_json_schema()},
-    }}, **CALL_HEADERS})
+@router.post("/interpolate", response_model=ImagesOut, responses=IMAGES_OUT,
+             openapi_extra=image_body(InterpolateIn, files=2) | CALL_HEADERS)
 async def interpolate(
     request: Request, call: Model,
     steps: Annotated[int, Query(ge=2, description="Frames including both ends.")] = 8,
@@ -78,6 +75,10 @@ async def interpolate(
         raise RequestTooLarge(f"steps={steps} is over the limit of {state.settings.max_steps}")
     ends = await _end_latents(request, state, deadline)
     path = latent.interpolate(ends[0], ends[1], steps, method)
+    # Never a non-finite frame to the model or into the JSON (orjson would write null): schemas.END_MAX keeps
+    # latent ends far enough inside float32, but the posterior means of image ends are not bounded by it.
+    if not np.isfinite(path).all():
+        raise codecs.InvalidInput("the path between these ends leaves the float32 range")
     out = await state.batcher.submit("decode", path, deadline=deadline, abandoned=client_gone(request))
     return await images_response(request, out["pixels"], path)
 

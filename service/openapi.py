@@ -1,0 +1,62 @@
+"""/openapi.json as the running server sees it: FastAPI's document, built from the routes, plus the limits that
+only the settings and the loaded model know (the latent size, rows per request, n, steps, K, the score kinds).
+
+With them in the schemas, requests generated from the document (by a client library or a fuzzer) are the ones
+the server accepts, and one that violates the document is one the server refuses.
+"""
+
+import copy
+from typing import Iterable, List
+
+from fastapi import FastAPI
+
+from service.config import Settings
+
+
+def install(app: FastAPI) -> None:
+    """Make ``app.openapi()``, which /openapi.json and /docs serve, return ``constrain``'s document once the
+    lifespan has loaded the model; before that (``create_app().openapi()`` in a test) FastAPI's own."""
+    generic = app.openapi  # FastAPI's: builds the document from the routes once, then caches it
+    constrained: List[dict] = []
+
+    def openapi() -> dict:
+        state = app.state.service
+        if not constrained and state.runtime is not None and state.score_kinds is not None:
+            constrained.append(constrain(generic(), state.settings, state.runtime.info.latent_dim,
+                                         state.score_kinds.kinds))
+        return constrained[0] if constrained else generic()
+
+    app.openapi = openapi
+
+
+def constrain(document: dict, settings: Settings, latent_dim: int, score_kinds: Iterable[str]) -> dict:
+    """A copy of ``document`` with the server's limits in the schemas they apply to."""
+    doc = copy.deepcopy(document)  # FastAPI's document shares dicts with the routes' openapi_extra
+    post = {path: item["post"] for path, item in doc["paths"].items() if "post" in item}
+    rows = {"maxItems": settings.max_rows}
+    vector = {"minItems": latent_dim, "maxItems": latent_dim}
+
+    z = _json(post["/decode"])["properties"]["z"]
+    z.update(rows)
+    z["items"].update(vector)
+    _json(post["/sample"])["properties"]["n"]["maximum"] = settings.max_n
+    _query(post["/interpolate"], "steps")["maximum"] = settings.max_steps
+    _json(post["/interpolate"])["properties"]["z"]["anyOf"][0]["items"].update(vector)
+    for path in ("/encode", "/anomaly-score"):
+        _json(post[path])["properties"]["images"].update(rows)
+        _files(post[path]).update(rows)
+    _query(post["/anomaly-score"], "k")["anyOf"][0]["maximum"] = settings.max_k
+    _query(post["/anomaly-score"], "score")["anyOf"][0]["enum"] = sorted(score_kinds)
+    return doc
+
+
+def _json(operation: dict) -> dict:
+    return operation["requestBody"]["content"]["application/json"]["schema"]
+
+
+def _files(operation: dict) -> dict:
+    return operation["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]["file"]
+
+
+def _query(operation: dict, name: str) -> dict:
+    return next(p["schema"] for p in operation["parameters"] if p["in"] == "query" and p["name"] == name)
