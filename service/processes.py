@@ -128,9 +128,25 @@ def serve_child(settings, sock: socket.socket) -> None:
     serve's. Imported here, in the child, so the supervisor never loads torch or the app."""
     import sys
 
+    _die_with_parent()
     from service.serve import serve
 
     sys.exit(serve(settings, sock))
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to send this process SIGTERM (a drain) when the supervisor dies, even by SIGKILL, so that no
+    orphaned server keeps the port. Elsewhere a no-op: the supervisor still stops its children on exit."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() == 1:  # the supervisor died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def default_processes(device: str, cpus: int) -> int:

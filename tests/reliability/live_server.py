@@ -57,15 +57,17 @@ def live_server(artifact: Path, log_dir: Path, *, ready_timeout: float = 180.0, 
         process = subprocess.Popen(
             [sys.executable, "-m", "service", "--model", str(artifact), "--host", "127.0.0.1", "--port", str(port),
              "--device", "cpu"],
-            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
     server = LiveServer(f"http://127.0.0.1:{port}", process, log)
     try:
         _wait_ready(server, ready_timeout)
         yield server
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGKILL)
+        try:  # the whole group: with several server processes, the supervisor's children too
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         process.wait(timeout=30)
 
 
