@@ -99,14 +99,16 @@ def encode_body(mu: np.ndarray, logvar: np.ndarray) -> bytes:
     return orjson.dumps({"mu": mu.tolist(), "logvar": logvar.tolist(), "z": None, "seed": None})
 
 
-def anomaly_body(outputs: Dict[str, np.ndarray], shape: ModelShape, calibration, k: int) -> bytes:
-    """The service's /anomaly-score JSON, built with its own pure functions (alpha 0.01, upper tail)."""
+def anomaly_body(outputs: Dict[str, np.ndarray], shape: ModelShape, kind, k: int, bits=None) -> bytes:
+    """The service's /anomaly-score JSON for the artifact's default score kind ``kind`` (a
+    ``service.scoring.ScoreKind``), built with its own pure functions (alpha 0.01, upper tail). ``bits``: the
+    kind's compressed sizes of the images (``ScoreKinds.complexity_bits``), the work our service does too."""
     from service import scoring
 
-    rows = scoring.score_rows(outputs, num_dims=shape.num_dims, calibration=calibration, alpha=0.01,
-                              tail="upper", k=k)
-    summary = scoring.calibration_summary(calibration, 0.01, "upper", k)
-    return orjson.dumps({"score": "nll", "k": k, "scores": rows, "calibration": summary})
+    rows = scoring.score_rows(outputs, num_dims=shape.num_dims, calibration=kind.calibration, alpha=0.01,
+                              tail="upper", k=k, complexity_bits=bits)
+    summary = scoring.calibration_summary(kind.calibration, 0.01, "upper", k)
+    return orjson.dumps({"score": kind.name, "k": k, "scores": rows, "calibration": summary})
 
 
 def sample_body(pixels: np.ndarray, z: np.ndarray, seed: int) -> bytes:

@@ -54,7 +54,7 @@ def record(server, req: loadgen.Request, connections: int, seconds: float, outdi
                                                           outdir / "work"))
         load.start()
         cmd = [spy, "record", "--pid", str(server.proc.pid), "--duration", str(int(seconds)), "--rate", str(rate),
-               "--format", "raw", "--threads", "--nonblocking", "--output", str(raw)] + (["--gil"] if mode == "gil" else [])
+               "--format", "raw", "--threads", "--nonblocking", "--subprocesses", "--output", str(raw)] + (["--gil"] if mode == "gil" else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         load.join()
         if proc.returncode != 0 or not raw.exists():

@@ -28,10 +28,10 @@ log = logging.getLogger(__name__)
 
 Call = Callable[[torch.Tensor], Tuple[torch.Tensor, ...]]  # a model method on one batch, outputs row-first
 
-# Decoded images per score call when not configured. On CPU a call's cost grows with its size (K=32 already
-# fills the caches: 4 rows per call score as fast per row as 64), so small calls keep rows from waiting on
-# each other; on a GPU one call should fill the device.
-SCORE_DECODES = {"cpu": 128, "cuda": 4096}
+# Decoded images per score call when not configured. On CPU a call's cost per row grows past a few dozen
+# decodes (28x28 model, K=16, one thread, measured: 125 rows/s at 1 row per call, 140 at 2, 110 at 4 and 8),
+# so small calls keep rows from waiting on each other; on a GPU one call should fill the device.
+SCORE_DECODES = {"cpu": 32, "cuda": 4096}
 
 __all__ = ["ArtifactError", "KERNELS", "ModelInfo", "ModelRuntime", "SCORE_DECODES"]
 
@@ -50,10 +50,11 @@ class ModelInfo:
 
 
 def cpu_call_sizes(largest: int) -> List[int]:
-    """The sizes CPU calls run at: every size up to 4, then multiples of 4 up to 16 and of 8 beyond, and the
+    """The sizes CPU calls run at: every size up to 8 (score calls, K decodes a row, are all at most 8 rows at
+    the default K: padding them would cost whole rows of K decodes), then 12, 16 and multiples of 8, and the
     largest. A call is padded by at most 7 rows, and the shapes stay few: oneDNN keeps a primitive per shape
     (measured: about 6 MB each for the 28x28 decoder's transposed convolutions, 420 MB for all 64 sizes)."""
-    sizes = set(range(1, 5)) | set(range(8, 17, 4)) | set(range(24, largest, 8)) | {largest}
+    sizes = set(range(1, 9)) | {12, 16} | set(range(24, largest, 8)) | {largest}
     return sorted(n for n in sizes if n <= largest)
 
 
@@ -63,7 +64,7 @@ class ModelRuntime:
     Batch shapes. A call never holds more rows than the largest bucket, and a row's result never depends on
     how many rows share its call (bit for bit). A call runs at one of a few sizes (``call_sizes``), zero-padded
     up to the smallest that fits: on a GPU the buckets, each warmed once; on CPU, where padding costs compute,
-    a finer grid (``cpu_call_sizes``: exact up to 4 rows, then steps of 4 and 8). Each size is a shape the
+    a finer grid (``cpu_call_sizes``: exact up to 8 rows, then steps of 4 and 8). Each size is a shape the
     executor and oneDNN keep state for, so the grid bounds memory and warm-up as well. ``warm_up`` also checks,
     on CPU, that every call size gives each row the bits of the largest call, and pads smaller calls up to the
     size from which they do. With MKL's strict reproducible mode (``devices.pin_cpu_numerics``) they all do;

@@ -34,11 +34,12 @@ class VAEAPI(ls.LitAPI):
         self.model_path, self.kernel, self.threads, self.stats = model_path, kernel, threads, stats
 
     def setup(self, device) -> None:
-        from vae_artifact.calibration import Calibration
+        from service.scoring import ScoreKinds
 
         metadata = common.read_metadata(self.model_path)
         self.shape = common.model_shape(metadata)
-        self.calibration = Calibration.from_metadata(metadata)
+        self.kinds = ScoreKinds.from_metadata(metadata)
+        self.kind = self.kinds.get(None)  # the artifact's default score kind, as our service computes it
         self.module = common.load_model(self.model_path, self.threads)
         self.noise = common.score_noise(self.shape, self.shape.score_k)
         self.batches = self.rows = 0
@@ -69,9 +70,11 @@ class VAEAPI(ls.LitAPI):
                 return [common.encode_body(m, v) for m, v in zip(common.split_rows(mu, sizes),
                                                                   common.split_rows(logvar, sizes))]
             outputs = common.run_score(self.module, x, self.noise)
-            parts = {name: common.split_rows(v, sizes) for name, v in outputs.items()}
-            return [common.anomaly_body({name: parts[name][i] for name in parts}, self.shape, self.calibration,
-                                        self.shape.score_k) for i in range(len(sizes))]
+            outputs["bits"] = self.kinds.complexity_bits(self.kind, np.concatenate(inputs))
+            parts = {name: common.split_rows(v, sizes) if v is not None else [None] * len(sizes)
+                     for name, v in outputs.items()}
+            return [common.anomaly_body({name: parts[name][i] for name in parts if name != "bits"}, self.shape,
+                                        self.kind, self.shape.score_k, parts["bits"][i]) for i in range(len(sizes))]
 
     def unbatch(self, output: List[bytes]) -> List[bytes]:
         return output

@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from bench import common
-from vae_artifact.calibration import Calibration
+from service.scoring import ScoreKinds
 
 JSON = "application/json"
 
@@ -24,7 +24,8 @@ JSON = "application/json"
 def create_app(model_path: Path, threads: int) -> FastAPI:
     metadata = common.read_metadata(model_path)
     shape = common.model_shape(metadata)
-    calibration = Calibration.from_metadata(metadata)
+    kinds = ScoreKinds.from_metadata(metadata)
+    kind = kinds.get(None)  # the artifact's default score kind, as our service computes it
     module = common.load_model(model_path, threads)
     noise = common.score_noise(shape, shape.score_k)
     app = FastAPI()
@@ -44,7 +45,7 @@ def create_app(model_path: Path, threads: int) -> FastAPI:
     def score(images: np.ndarray) -> bytes:
         with torch.inference_mode():
             outputs = common.run_score(module, common.to_tensor(images), noise)
-        return common.anomaly_body(outputs, shape, calibration, shape.score_k)
+        return common.anomaly_body(outputs, shape, kind, shape.score_k, kinds.complexity_bits(kind, images))
 
     def sample(n: int, seed: int) -> bytes:
         z = np.random.default_rng(seed).standard_normal((n, shape.latent_dim)).astype(np.float32)

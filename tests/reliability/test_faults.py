@@ -274,9 +274,12 @@ async def test_out_of_memory_on_one_row_fails_that_request_only(digits_artifact)
     small = load(SmallDevice, digits_artifact, max_rows=64)
     async with in_process(create_app(settings_for(digits_artifact), runtime=small)) as client:
         small.module.max_rows = 0  # not even one row fits now
+        small.module.calls.clear()
         failed = await post_npy(client, "/encode", noise(2))
         assert failed.status_code == 500 and failed.json()["error"]["code"] == "model_error"
-        assert [n for _, n, _ in small.module.calls[-3:]] == [4, 2, 1]  # halved down to one row, then gave up
+        # The 2-row call, then its first half (one row, padded as a 1-row call is), then it gave up.
+        padded = [max(n, small.exact_from["encode"]) for n in (2, 1)]
+        assert [(n, fits) for _, n, fits in small.module.calls] == [(padded[0], False), (padded[1], False)]
         small.module.max_rows = 64  # memory is back
         assert (await post_npy(client, "/encode", noise(2))).status_code == 200
         assert (await client.post("/sample", json={"n": 3})).status_code == 200

@@ -38,8 +38,8 @@ def runtime(digits_artifact):
 
 
 def test_cpu_calls_run_at_the_smallest_call_size_that_holds_them(runtime):
-    """Exact up to 4 rows, then at most 7 rows of padding; over the largest size, split."""
-    assert runtime.call_sizes == [1, 2, 3, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64]
+    """Exact up to 8 rows, then at most 7 rows of padding; over the largest size, split."""
+    assert runtime.call_sizes == [1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32, 40, 48, 56, 64]
     images = np.random.default_rng(1).integers(0, 256, size=(150, 1, 8, 8), dtype=np.uint8)
     runtime.module.sizes.clear()
     runtime.encode(images[:17])
@@ -48,7 +48,7 @@ def test_cpu_calls_run_at_the_smallest_call_size_that_holds_them(runtime):
     runtime.encode(images[:3])
     low = runtime.exact_from
     assert runtime.module.sizes == [("encode", max(24, low["encode"])), ("encode", 64), ("encode", 64),
-                                    ("encode", 24), ("decode", max(8, low["decode"])),
+                                    ("encode", 24), ("decode", max(5, low["decode"])),
                                     ("encode", max(3, low["encode"]))]
 
 
