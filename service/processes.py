@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 READY_GAUGE = "vae_process_ready"  # per process (multiprocess_mode liveall): 1 when that process is ready
 REFUSED = 2  # a child's exit status when the artifact or the settings cannot be served
+RESPAWN_DELAY_S = 0.5  # between a process's death and its replacement
 
 
 def processes_ready(expected: int, metrics_dir: Path) -> bool:
@@ -103,6 +104,8 @@ class Supervisor:
                 self.stop.set()
                 return
             log.warning("server process %d died (status %s); starting a replacement", child.pid, child.exitcode)
+            if self.stop.wait(RESPAWN_DELAY_S):  # a process that dies at once would otherwise spin the CPU
+                return
             self.children[i] = self._spawn()
 
     def _shut_down(self) -> None:
