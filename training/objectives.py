@@ -6,7 +6,6 @@ All of them are TorchScript-compatible so the exported artifact runs exactly thi
 """
 
 import math
-from typing import Tuple
 
 import torch
 import torch.nn.functional as F
