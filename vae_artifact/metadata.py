@@ -97,7 +97,7 @@ class Metadata(MappingABC):
             levels = _int((document.get("pixels") or {}).get("levels", 256))
             scoring = _scoring(document.get("scoring") or {})
             calibration = _calibration(document.get("calibration"))
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:  # AttributeError: a section not an object
             raise ArtifactError(f"{source}: metadata lacks or mangles a required field ({exc!r}); needs "
                                 "model.image.{channels,height,width} and model.latent_dim") from exc
         likelihood = str(model.get("likelihood", "logistic"))
