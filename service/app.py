@@ -81,8 +81,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         state.draining = True
-        state.metrics.ready.set(0)
-        state.metrics.process_ready.set(0)
+        state.metrics.set_ready(False)
         warm_task.cancel()
         await state.batcher.stop()
 
@@ -96,6 +95,5 @@ async def _warm_up(state: ServiceState) -> None:
         state.failed = f"warm-up failed: {type(exc).__name__}"
         return
     state.warm = True
-    state.metrics.ready.set(1)
-    state.metrics.process_ready.set(1)
+    state.metrics.set_ready(True)
     log.info("model warm on %s in %.2f s (buckets %s); ready", state.runtime.device, seconds, state.runtime.buckets)

@@ -71,6 +71,11 @@ class Metrics:
             multiprocess_mode="livesum",
         )
 
+    def set_ready(self, ready: bool) -> None:
+        """This process's readiness, in both gauges (the server's is their minimum over processes)."""
+        self.ready.set(int(ready))
+        self.process_ready.set(int(ready))
+
     def render(self) -> bytes:
         if self.multiprocess_dir is None:
             return generate_latest(self.registry)

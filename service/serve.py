@@ -36,8 +36,7 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig, frame) -> None:
         self._state.draining = True
-        self._state.metrics.ready.set(0)
-        self._state.metrics.process_ready.set(0)
+        self._state.metrics.set_ready(False)
         super().handle_exit(sig, frame)
 
 
