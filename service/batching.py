@@ -1,9 +1,9 @@
 """Dynamic batching: rows from concurrent requests share model calls, one queue per kernel.
 
-Contract of ``Batcher.submit(kernel, rows, params, deadline)`` over a ``Runner`` (the model runtime): it returns a
-dict of arrays with exactly ``len(rows)`` rows each, in order, or raises ``QueueFull`` (nothing was enqueued), ``DeadlineExceeded``
-(rows expired before compute), ``BatcherStopped`` or the model's own exception (only the requests of that
-batch see it). Rows, not requests, are the unit: a request is split into pieces of at most the kernel's
+Contract of ``Batcher.submit(kernel, rows, params, deadline)`` over a ``Runner`` (the model runtime): it
+returns a dict of arrays with exactly ``len(rows)`` rows each, in order, or raises ``QueueFull`` (nothing was
+enqueued), ``DeadlineExceeded`` (rows expired before compute), ``BatcherStopped`` or the model's own exception
+(only the requests of that batch see it). Rows, not requests, are the unit: a request is split into pieces of at most the kernel's
 row limit, pieces of many requests are coalesced up to that limit or until ``max_delay_s`` has passed
 since the first row of the batch arrived, and rows with different ``params`` (e.g. the score's K) never
 share a call. Model calls run on ``workers`` threads (one per CPU core on CPU, one per GPU), never on
