@@ -95,3 +95,14 @@ def test_an_older_score_whose_rows_depend_on_the_batch_size_runs_at_one_size():
         runtime.score(np.zeros((n, 1, 8, 8), np.uint8), k)
     cap = runtime.max_rows("score", k)
     assert runtime.module.sizes == [("score", cap)] * 3
+
+
+def test_a_score_k_whose_call_size_does_not_divide_the_probe_is_not_padded_for_nothing(digits_artifact):
+    """At K=10 score calls hold at most 3 rows, so calls of 1, 2 and 3 rows cover 16, 16 and 15 probe images: the
+    probe compares the rows both hold, and finds the same padding as at the calibration's K."""
+    runtime = ModelRuntime(digits_artifact, device="cpu")
+    runtime.warm_up(rounds=1)
+    at_calibration_k = runtime.exact_from["score"]
+    runtime.warm_up(score_k=10, rounds=1)
+    assert runtime.max_rows("score", 10) == 3
+    assert runtime.exact_from["score"] <= at_calibration_k
