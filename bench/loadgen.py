@@ -15,7 +15,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 MARKER = "BENCH_JSON "
 
@@ -133,6 +133,7 @@ async def _run(base_url: str, req: Request, duration_s: float, max_requests: int
     limit = connections or 1024
     connector = aiohttp.TCPConnector(limit=limit)
     timeout = aiohttp.ClientTimeout(total=30)
+    cpu_started = time.process_time()  # the generator's own CPU: on 2 cores it competes with the server
     async with aiohttp.ClientSession(base_url, connector=connector, timeout=timeout) as session:
         started = time.perf_counter()
         deadline = started + duration_s
@@ -174,6 +175,7 @@ async def _run(base_url: str, req: Request, duration_s: float, max_requests: int
     pct = {p: ms[min(len(ms) - 1, int(math.ceil(p / 100.0 * len(ms))) - 1)] if ms else math.nan for p in (50, 90, 95, 99)}
     out = _summary(len(ms), elapsed, req.rows, pct, ms[-1] if ms else math.nan, errors,
                    generator="aiohttp-open" if rate else "aiohttp")
+    out["generator_cores"] = (time.process_time() - cpu_started) / elapsed if elapsed > 0 else math.nan
     if rate:
         out["offered_rate"] = rate
     return out

@@ -59,6 +59,9 @@ def targets(results: Dict) -> List[Dict]:
     p50 = _get(results, "encode_c1", "ours", "p50_ms")
     out.append(_target("p99 at half max throughput / unloaded p50 (encode c=1)",
                        _ratio(half.get("p99_ms"), p50), 5.0, False, "x"))
+    floor = ours.get("half_load_ceiling", {})
+    out.append(_target("the same open loop on the ceiling (no model) / our unloaded p50, for reference",
+                       _ratio(floor.get("p99_ms"), p50), 0.0, True, "x"))
     cold = ours.get("cold_start_s") or []
     out.append(_target("cold start to ready, median (s)", statistics.median(cold) if cold else None,
                        COLD_START_LIMIT_S, False, "s"))
@@ -68,6 +71,10 @@ def targets(results: Dict) -> List[Dict]:
     out.append(_target("load generator: GET /constant rate / ours /encode c=64 rate", _ratio(gen, ours_c64),
                        3.0, True, "x"))
     return out
+
+
+def _cpus(results: Dict) -> str:
+    return str(results.get("meta", {}).get("cpus", "?"))
 
 
 def _f(value, digits: int = 1) -> str:
@@ -140,7 +147,13 @@ def markdown(results: Dict) -> str:
                   f"(the first process alone: {_f(rss.get('main_mb'))} MB).",
                   f"- Open loop at {_f(half.get('offered_rate'))} req/s (half the c=64 rate): achieved "
                   f"{_f(half.get('req_per_s'))} req/s, p50 {_f(half.get('p50_ms'), 2)} ms, "
-                  f"p99 {_f(half.get('p99_ms'), 2)} ms, errors {half.get('error_count', '–')}."]
+                  f"p99 {_f(half.get('p99_ms'), 2)} ms, errors {half.get('error_count', '–')}; the Python "
+                  f"generator itself used {_f(half.get('generator_cores'), 2)} of the {_cpus(results)} cores."]
+        floor = ours.get("half_load_ceiling")
+        if floor:
+            lines.append(f"- The same open loop against the ceiling server (no model): p50 {_f(floor.get('p50_ms'), 2)} "
+                         f"ms, p99 {_f(floor.get('p99_ms'), 2)} ms, generator {_f(floor.get('generator_cores'), 2)} "
+                         "cores: the tail that the HTTP stack and the generator alone leave on this machine.")
     gen = results.get("generator_check", {})
     if gen:
         lines.append(f"- Load generator check: GET /constant on the ceiling server at c=64: {_f(gen.get('req_per_s'), 0)}"
