@@ -11,6 +11,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.config import Settings
 from service.errors import RequestTooLarge, error_response
+from service.inference_models import metrics_endpoint
 from service.metrics import Metrics
 
 # Endpoint label values are bounded: any other path is counted as "other".
@@ -39,13 +40,20 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
+            path = scope["path"]
+            # /v2 paths by route template (service.inference_models): model names only when they are ours
+            endpoint = path if path in ENDPOINTS else metrics_endpoint(path) or "other"
             labels = (endpoint, str(status))
             self.metrics.requests.labels(*labels).inc()
             self.metrics.request_seconds.labels(*labels).observe(time.perf_counter() - started)
 
 
 MODEL_ENDPOINTS = frozenset({"/encode", "/decode", "/sample", "/interpolate", "/anomaly-score"})
+
+
+def is_model_path(path: str) -> bool:
+    """An endpoint that queues model work: ours, and the Open Inference Protocol's infer routes."""
+    return path in MODEL_ENDPOINTS or (path.startswith("/v2/") and path.endswith("/infer"))
 
 
 class InFlightLimit:
@@ -60,12 +68,12 @@ class InFlightLimit:
         self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] not in MODEL_ENDPOINTS:
+        if scope["type"] != "http" or not is_model_path(scope["path"]):
             return await self.app(scope, receive, send)
         if self.in_flight >= self.limit:
             self.metrics.rejections.labels("overloaded").inc()
             response = error_response(503, "overloaded", f"{self.in_flight} requests in flight; retry shortly",
-                                      headers={"Retry-After": "1"})
+                                      headers={"Retry-After": "1"}, path=scope["path"])
             return await response(scope, receive, send)
         self.in_flight += 1
         try:
@@ -84,7 +92,8 @@ class BodyLimit:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             self.metrics.rejections.labels("too_large").inc()
-            response = error_response(413, "too_large", f"body of {int(declared)} bytes; the limit is {self.max_bytes}")
+            response = error_response(413, "too_large", f"body of {int(declared)} bytes; the limit is {self.max_bytes}",
+                                      path=scope["path"])
             return await response(scope, receive, send)
         received = 0
 
@@ -101,7 +110,8 @@ class BodyLimit:
         await self.app(scope, limited_receive, send)
 
 
-PROBES = frozenset({"/livez", "/readyz"})  # an orchestrator's probes carry no credentials
+# An orchestrator's probes carry no credentials (the Open Inference Protocol's health routes are probes too).
+PROBES = frozenset({"/livez", "/readyz", "/v2/health/live", "/v2/health/ready"})
 
 
 class ApiKeyRequired:
@@ -127,5 +137,5 @@ class ApiKeyRequired:
             return await self.app(scope, receive, send)
         self.metrics.rejections.labels("unauthorized").inc()
         response = error_response(401, "unauthorized", "missing or wrong X-API-Key",
-                                  headers={"WWW-Authenticate": "ApiKey"})
+                                  headers={"WWW-Authenticate": "ApiKey"}, path=scope["path"])
         await response(scope, receive, send)

@@ -1,0 +1,126 @@
+"""The Open Inference Protocol v2 (KServe v2 / Triton HTTP): health, metadata and inference of the models
+``encoder``, ``decoder`` and ``scorer`` (service.inference_models) on the same batcher, limits, deadlines,
+metrics and API key as the rest of the service. Errors are the protocol's ``{"error": "<message>"}``."""
+
+import importlib.metadata
+from typing import Optional
+
+from fastapi import APIRouter, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from service import inference_models
+from service.deps import CALL_HEADERS, Model, State, client_gone
+from service.errors import ModelNotReady
+from service.inference_protocol import (
+    BINARY, HEADER_LENGTH, InferenceRequestIn, InferenceResponseOut, LiveOut, ModelMetadataOut, ModelReadyOut,
+    ProtocolError, ReadyOut, ServerMetadataOut, encode_response,
+)
+from service.inputs import INLINE_BYTES
+from service.responses import JSONResponse
+
+ERRORS = {code: {"model": ProtocolError} for code in (400, 401, 404, 413, 415, 500, 503, 504)}
+EXTENSIONS = ["binary_tensor_data"]
+
+
+def _inlined(schema: dict) -> dict:
+    """A pydantic schema with its ``$defs`` written in place: the document has no components for them."""
+    defs = schema.pop("$defs", {})
+
+    def resolve(node):
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return resolve(defs[node["$ref"].split("/")[-1]])
+            return {key: resolve(value) for key, value in node.items()}
+        return [resolve(value) for value in node] if isinstance(node, list) else node
+
+    return resolve(schema)
+
+
+INFER_BODY = {
+    "requestBody": {"required": True, "content": {
+        "application/json": {"schema": _inlined(InferenceRequestIn.model_json_schema())},
+        BINARY: {"schema": {"type": "string", "format": "binary",
+                            "description": "The JSON request, then the inputs' raw bytes (binary tensor data "
+                                           "extension); Inference-Header-Content-Length is the JSON's length."}},
+    }},
+    "parameters": [*CALL_HEADERS["parameters"], {
+        "name": HEADER_LENGTH, "in": "header", "required": False, "schema": {"type": "integer", "minimum": 0},
+        "description": "Bytes of JSON at the start of the body; raw tensor bytes follow it."}],
+}
+INFER_OUT = {200: {"content": {BINARY: {"schema": {"type": "string", "format": "binary"}}}}}
+
+router = APIRouter(prefix="/v2", tags=["open inference protocol"], responses=ERRORS)
+
+
+@router.get("", response_model=ServerMetadataOut)
+async def server_metadata() -> JSONResponse:
+    """Server metadata: name, version and extensions (binary_tensor_data)."""
+    return JSONResponse({"name": "vae-service", "version": _version(), "extensions": EXTENSIONS})
+
+
+@router.get("/health/live", response_model=LiveOut, responses={503: {"model": LiveOut}})
+async def live(state: State) -> JSONResponse:
+    """200 while the process serves HTTP; 503 if the model can never become ready (as /livez)."""
+    return JSONResponse({"live": not state.failed}, status_code=503 if state.failed else 200)
+
+
+@router.get("/health/ready", response_model=ReadyOut, responses={503: {"model": ReadyOut}})
+async def ready(state: State) -> JSONResponse:
+    """200 once every model is warm (in every server process); 503 before that and while draining (as /readyz)."""
+    return _ready({"ready": state.server_ready})
+
+
+@router.get("/models/{name}", response_model=ModelMetadataOut)
+@router.get("/models/{name}/versions/{version}", response_model=ModelMetadataOut)
+async def model_metadata(state: State, name: str, version: Optional[str] = None) -> JSONResponse:
+    """A model's platform, versions, inputs and outputs (datatypes; shapes, -1 for any size)."""
+    if state.runtime is None:
+        raise ModelNotReady("no model loaded yet")
+    return JSONResponse(inference_models.model(state.runtime.info, name, version).metadata())
+
+
+@router.get("/models/{name}/ready", response_model=ModelReadyOut, responses={503: {"model": ModelReadyOut}})
+@router.get("/models/{name}/versions/{version}/ready", response_model=ModelReadyOut,
+            responses={503: {"model": ModelReadyOut}})
+async def model_ready(state: State, name: str, version: Optional[str] = None) -> JSONResponse:
+    """200 when the model serves, 503 while it warms up or drains, 404 for a model this server does not have."""
+    inference_models.known(name, version)
+    return _ready({"name": name, "ready": state.server_ready})
+
+
+@router.post("/models/{name}/infer", response_model=InferenceResponseOut, responses=INFER_OUT,
+             openapi_extra=INFER_BODY)
+@router.post("/models/{name}/versions/{version}/infer", response_model=InferenceResponseOut, responses=INFER_OUT,
+             openapi_extra=INFER_BODY)
+async def infer(request: Request, call: Model, name: str, version: Optional[str] = None) -> Response:
+    """Inputs -> the requested outputs, as JSON tensors or raw bytes (binary tensor data extension)."""
+    state = call.state
+    model = inference_models.model(state.runtime.info, name, version)
+    body = await request.body()
+    small = len(body) <= INLINE_BYTES and "content-encoding" not in request.headers
+    args = (state, model, body, request.headers.get(HEADER_LENGTH), request.headers.get("content-encoding"))
+    prepared = inference_models.prepare(*args) if small else await run_in_threadpool(inference_models.prepare, *args)
+    deadline = inference_models.deadline(call.deadline, prepared.request.parameters)
+    arrays, parameters = await model.run(state, prepared.arrays, prepared.parameters, deadline, client_gone(request))
+    outputs = {output: arrays[output] for output in prepared.outputs}
+    args = (name, inference_models.VERSION, prepared.request, outputs, parameters)
+    if sum(array.nbytes for array in outputs.values()) <= INLINE_BYTES:
+        content, json_length = encode_response(*args)
+    else:
+        content, json_length = await run_in_threadpool(encode_response, *args)
+    if json_length is None:
+        return Response(content, media_type="application/json")
+    return Response(content, media_type=BINARY, headers={"Inference-Header-Content-Length": str(json_length)})
+
+
+def _ready(body: dict) -> JSONResponse:
+    if body["ready"]:
+        return JSONResponse(body)
+    return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("vae-service")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
