@@ -19,7 +19,7 @@ from service.errors import install_handlers
 from service.metrics import Metrics
 from service.middleware import ApiKeyRequired, BodyLimit, InFlightLimit, RequestMetrics
 from service import openapi
-from service.routes import anomaly, inference, ops, v2
+from service.routes import anomaly, edit, inference, ops, v2
 from service.devices import default_torch_threads, default_workers
 from service.runtime import KERNELS, ModelRuntime
 from service.scoring import ScoreKinds
@@ -41,7 +41,7 @@ def create_app(settings: Optional[Settings] = None, runtime: Optional[ModelRunti
     )
     app.state.service = state
     install_handlers(app)
-    for router in (inference.router, anomaly.router, ops.router, v2.router):
+    for router in (inference.router, anomaly.router, edit.router, ops.router, v2.router):
         app.include_router(router)
     openapi.install(app)  # the served document states the limits of these settings and the loaded model
     app.add_middleware(ApiKeyRequired, settings=settings, metrics=state.metrics)  # inside CORS: preflights pass

@@ -145,10 +145,15 @@ def multipart_files(body: bytes, content_type: str, max_parts: int) -> List[byte
     """The file parts (those whose Content-Disposition names a filename) of a multipart/form-data body, in
     order. More than ``max_parts`` parts of any kind: ``RequestTooLarge``, raised as soon as one too many
     begins. Framing errors (no boundary, a broken part header): ``MalformedBody``."""
+    return [data for _, data in multipart_named_files(body, content_type, max_parts)]
+
+
+def multipart_named_files(body: bytes, content_type: str, max_parts: int) -> List[Tuple[str, bytes]]:
+    """``multipart_files`` with each file part's form field name ("" when it has none)."""
     boundary = parse_options_header(content_type)[1].get(b"boundary")
     if not boundary:
         raise MalformedBody("multipart/form-data without a boundary in its Content-Type")
-    files: List[bytes] = []
+    files: List[Tuple[str, bytes]] = []
     parts = 0
     headers: Dict[bytes, bytes] = {}
     name = value = b""
@@ -180,8 +185,9 @@ def multipart_files(body: bytes, content_type: str, max_parts: int) -> List[byte
         chunks.append(data[start:end])
 
     def on_part_end() -> None:
-        if b"filename" in parse_options_header(headers.get(b"content-disposition", b""))[1]:
-            files.append(b"".join(chunks))
+        options = parse_options_header(headers.get(b"content-disposition", b""))[1]
+        if b"filename" in options:
+            files.append((options.get(b"name", b"").decode("latin-1"), b"".join(chunks)))
 
     parser = MultipartParser(boundary, {
         "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
@@ -193,6 +199,38 @@ def multipart_files(body: bytes, content_type: str, max_parts: int) -> List[byte
     except MultipartParseError as exc:
         raise MalformedBody(f"malformed multipart body: {exc}") from exc
     return files
+
+
+async def read_image_groups(request: Request, spec: codecs.ImageSpec, model: Type[BaseModel], groups: Sequence[str],
+                            max_rows: int) -> Dict[str, np.ndarray]:
+    """Images in named groups (e.g. positive and negative examples) -> uint8 (N, C, H, W) per group: multipart
+    file parts whose field name is the group's, or JSON ``model`` with a list of base64 images per group. The
+    limits of ``read_images`` apply to all the images together; a group without images is InvalidInput."""
+    kind = media_type(request)
+    if kind == "application/json":
+        payload = await read_json(request, model)
+        named = [(group, item) for group in groups for item in getattr(payload, group)]
+        images = await decode_base64([item for _, item in named], spec, max_rows,
+                                     request.app.state.service.settings.max_request_pixels)
+    elif kind == "multipart/form-data":
+        body = await request.body()
+        named = multipart_named_files(body, request.headers["content-type"], max_parts=max_rows + 1)
+        named = [(name, data) for name, data in named if name in groups]
+        _check_rows(len(named), max_rows)
+        if not named:
+            raise codecs.InvalidImage(f"multipart body has no file part named {' or '.join(groups)}")
+        files = [data for _, data in named]
+        pixels = await _inline_if(len(body) <= INLINE_BYTES, codecs.sources_pixels, files, spec)
+        images = await _decode(files, pixels, len(body), spec, request.app.state.service.settings.max_request_pixels)
+    else:
+        raise UnsupportedMediaType(
+            f"send images as multipart/form-data or application/json, not {kind or 'no Content-Type'}")
+    names = np.array([name for name, _ in named])
+    out = {group: images[names == group] for group in groups}
+    empty = [group for group, array in out.items() if len(array) == 0]
+    if empty:
+        raise codecs.InvalidInput(f"no {' and no '.join(empty)} images: every group needs at least one")
+    return out
 
 
 def latents(z: List[List[float]], dim: int, max_rows: int) -> np.ndarray:

@@ -18,6 +18,7 @@ from service.metrics import Metrics
 ENDPOINTS = frozenset({
     "/encode", "/decode", "/sample", "/interpolate", "/anomaly-score",
     "/livez", "/readyz", "/metrics", "/v1/model", "/docs", "/openapi.json",
+    "/directions", "/edit", "/directions/compute",  # latent editing (service.routes.edit)
 })
 
 
@@ -48,7 +49,8 @@ class RequestMetrics:
             self.metrics.request_seconds.labels(*labels).observe(time.perf_counter() - started)
 
 
-MODEL_ENDPOINTS = frozenset({"/encode", "/decode", "/sample", "/interpolate", "/anomaly-score"})
+MODEL_ENDPOINTS = frozenset({"/encode", "/decode", "/sample", "/interpolate", "/anomaly-score", "/edit",
+                             "/directions/compute"})
 
 
 def is_model_path(path: str) -> bool:

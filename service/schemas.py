@@ -130,3 +130,64 @@ class ModelOut(BaseModel):
 
 class Status(BaseModel):
     status: str
+
+
+# -- latent editing (service.editing) ---------------------------------------------------------------------
+STRENGTHS = (-2.0, -1.0, 0.0, 1.0, 2.0)  # the default strengths of an edit, in raw units of the vector
+MAX_STRENGTHS = 16  # strengths per edit request; more get 413
+Strength = Annotated[float, Strict(), Field(ge=-FLOAT32_MAX, le=FLOAT32_MAX)]
+
+
+class DirectionOut(BaseModel):
+    name: str = Field(description="class:<label>, pixel:<statistic>, or a custom name.")
+    kind: Literal["class", "pixel", "custom"]
+    description: str
+    n_pos: int = Field(description="Images with the attribute the vector was built from.")
+    n_neg: int = Field(description="Images without it.")
+    norm: float = Field(description="Euclidean length of the vector, in latent units.")
+    auroc: Optional[float] = Field(description="Held-out AUROC of the projection <mu, vector> separating images "
+                                               "with the attribute from images without; null when unchecked.")
+    vector: Optional[Vector] = Field(None, description="Only with ?vectors=true.")
+
+
+class DirectionsOut(BaseModel):
+    directions: List[DirectionOut]
+
+
+class EditIn(BaseModel):
+    # Exactly one input (images or z) and exactly one direction (a name or a vector): the route checks it.
+    model_config = _STRICT
+    images: Optional[List[str]] = Field(None, min_length=1, description="Base64 images, edited from their "
+                                                                        "posterior means.")
+    z: Optional[List[LatentIn]] = Field(None, min_length=1, description="Latent vectors to edit.")
+    direction: Optional[str] = Field(None, description="A stored direction's name (GET /directions).")
+    vector: Optional[LatentIn] = Field(None, description="A direction of the model's latent size, e.g. from "
+                                                         "POST /directions/compute.")
+    strengths: List[Strength] = Field(list(STRENGTHS), min_length=1, description=(
+        f"z' = mu + strength * vector, in raw units of the vector (1 adds it once); at most {MAX_STRENGTHS}."))
+
+
+class EditRow(BaseModel):
+    z: List[Vector] = Field(description="The edited latent per strength.")
+    images: List[str] = Field(description="Base64 PNG per strength.")
+
+
+class EditOut(BaseModel):
+    strengths: List[float]
+    edits: List[EditRow] = Field(description="One per input, in order.")
+
+
+class ExamplesIn(BaseModel):
+    model_config = _STRICT
+    positive: List[str] = Field(min_length=1, description="Base64 images with the attribute.")
+    negative: List[str] = Field(min_length=1, description="Base64 images without it.")
+
+
+class ComputedDirectionOut(BaseModel):
+    vector: Vector = Field(description="mean(mu of positives) - mean(mu of negatives); send it to /edit.")
+    norm: float
+    n_pos: int
+    n_neg: int
+    auroc: Optional[float] = Field(description="AUROC of <mu, v> on held-out examples (4 seeded folds, each "
+                                               "projected on the direction of the others); null with fewer than "
+                                               "2 examples on a side.")

@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from training import calibration, distributed, evaluate, export, trainer
+from training import calibration, directions, distributed, evaluate, export, trainer
 from training.data import VAL_FRACTION, Dataset, held_out_splits, to_8bit, to_float
 from training.model import VAE, VAEConfig, num_parameters
 from training.recipe import DataRecipe, data_section
@@ -140,6 +140,10 @@ def run(args: argparse.Namespace, ctx: distributed.DistContext) -> Optional[Dict
         noise_seed=calibration.NOISE_SEED, latent_dim=vae.config.latent_dim, levels=vae.config.levels,
         device=device)
     calib_scores = calibrated["scores"]["nll"]
+    # Attribute directions from the train split's posterior means as served (8-bit), checked on the test split.
+    latent_directions = directions.directions_section(
+        export.ServingModule(vae.eval()).encode, (to_8bit(ds.train.images, ds.levels), ds.train.labels),
+        (to_8bit(ds.test.images, ds.levels), ds.test.labels), device=device)
     last = result.history[-1] if result.history else {}
     meta = export.build_metadata(
         vae,
@@ -152,6 +156,7 @@ def run(args: argparse.Namespace, ctx: distributed.DistContext) -> Optional[Dict
         evaluation=metrics,
         scoring=scoring,
         calibration=calibrated,
+        directions=latent_directions,
     )
     meta = export.export_artifact(vae, args.out, meta, check_x=test_x[:8])
     if not args.no_report:

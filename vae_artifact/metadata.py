@@ -16,6 +16,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 
+from vae_artifact.directions import EMPTY as NO_DIRECTIONS, DirectionsSection
 from vae_artifact.errors import ArtifactError
 
 FORMAT_VERSION = 1  # bump on incompatible changes; readers refuse newer versions
@@ -78,6 +79,7 @@ class Metadata(MappingABC):
     weights_sha256: Optional[str]
     created: str
     document: Mapping[str, Any]  # the whole metadata.json, read-only
+    directions: DirectionsSection = NO_DIRECTIONS  # latent directions for edits (vae_artifact.directions)
 
     @classmethod
     def from_dict(cls, document: Any, source: str = "artifact") -> "Metadata":
@@ -97,6 +99,7 @@ class Metadata(MappingABC):
             levels = _int((document.get("pixels") or {}).get("levels", 256))
             scoring = _scoring(document.get("scoring") or {})
             calibration = _calibration(document.get("calibration"))
+            directions = DirectionsSection.from_dict(document.get("directions"), latent_dim)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:  # AttributeError: a section not an object
             raise ArtifactError(f"{source}: metadata lacks or mangles a required field ({exc!r}); needs "
                                 "model.image.{channels,height,width} and model.latent_dim") from exc
@@ -108,7 +111,8 @@ class Metadata(MappingABC):
         sha = document.get("weights_sha256")
         return cls(format_version=version, image=image, latent_dim=latent_dim, likelihood=likelihood, levels=levels,
                    scoring=scoring, calibration=calibration, weights_sha256=sha if isinstance(sha, str) else None,
-                   created=str(document.get("created", "unknown")), document=MappingProxyType(document))
+                   created=str(document.get("created", "unknown")), document=MappingProxyType(document),
+                   directions=directions)
 
     def to_dict(self) -> Dict[str, Any]:
         """A deep copy of the whole document (JSON types only)."""
