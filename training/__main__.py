@@ -13,11 +13,13 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
+import numpy as np
 import torch
+from tqdm import tqdm
 
-from training import calibration, directions, distributed, evaluate, export, trainer
+from training import calibration, directions, distributed, evaluate, export, priors, trainer
 from training.data import VAL_FRACTION, Dataset, held_out_splits, to_8bit, to_float
 from training.model import VAE, VAEConfig, num_parameters
 from training.recipe import DataRecipe, data_section
@@ -25,6 +27,8 @@ from training.recipe import DataRecipe, data_section
 log = logging.getLogger("training")
 
 REPORT_TEST_SCORES = 2000  # test images scored for the report's histogram: enough for its shape, bounded cost
+EVAL_N = 2000  # test images for the IW-NLL by default (a seeded random subset; its standard error is recorded)
+VAMP_PSEUDO_INPUTS = 100  # mixture components: each training step also encodes them (Tomczak & Welling use 500)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -46,6 +50,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     model.add_argument("--latent-dim", type=_positive_int, default=VAEConfig.latent_dim, help="latent size D")
     model.add_argument("--base-width", type=_positive_int, default=VAEConfig.base_width,
                        help="conv channels after the stem")
+    model.add_argument("--prior", choices=priors.PRIORS, default="standard",
+                       help="p(z): standard = N(0, I); vamp = the VampPrior, a mixture of the encoder's posteriors "
+                            "at learned pseudo-inputs (Tomczak & Welling 2018)")
+    model.add_argument("--pseudo-inputs", type=_positive_int, default=None, metavar="N",
+                       help=f"the VampPrior's pseudo-inputs (mixture components); only with --prior vamp "
+                            f"(default there: {VAMP_PSEUDO_INPUTS})")
     opt = p.add_argument_group("training")
     opt.add_argument("--beta", type=float, default=defaults.beta, help="KL weight after warm-up")
     opt.add_argument("--kl-warmup", type=float, default=defaults.kl_warmup, help="epochs of KL warm-up 0 -> beta")
@@ -63,18 +73,42 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     opt.add_argument("--resume", type=Path, default=None, metavar="CKPT", help="continue from this checkpoint")
     ev = p.add_argument_group("evaluation and output")
     ev.add_argument("--eval-k", type=_positive_int, default=1000, help="importance samples for the test NLL")
+    ev.add_argument("--eval-n", type=_eval_n, default=EVAL_N,
+                    help="test images for the test ELBO / IW-NLL, a seeded random subset (its standard error "
+                         "is recorded); 0 or 'all': the whole test split")
     ev.add_argument("--score-k", type=_positive_int, default=calibration.DEFAULT_K,
                     help="importance samples per anomaly score (the service's K; see docs/anomaly.md)")
     ev.add_argument("--out", type=Path, default=Path("runs/vae.ts"), help="artifact path")
     ev.add_argument("--no-report", action="store_true", help="skip report.json and the figures")
     ev.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.pseudo_inputs is not None and args.prior != "vamp":
+        p.error(f"--pseudo-inputs needs --prior vamp (the {args.prior} prior has no pseudo-inputs)")
+    if args.prior == "vamp":
+        if args.free_bits > 0:
+            p.error("--free-bits needs a KL per latent dimension, which the VampPrior has not (its KL is a "
+                    "one-sample estimate of the whole); use --kl-warmup instead")
+        args.pseudo_inputs = args.pseudo_inputs or VAMP_PSEUDO_INPUTS
+    return args
 
 
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _eval_n(text: str) -> int:
+    """--eval-n: a count of test images, 0 or 'all' for every one."""
+    if text.strip().lower() == "all":
+        return 0
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of images or 'all', got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of images >= 0 or 'all', got {text!r}")
     return value
 
 
@@ -101,7 +135,8 @@ def model_config(args: argparse.Namespace, ds: Dataset, resume: Optional[Dict]) 
         return config
     return VAEConfig(channels=ds.channels, height=ds.height, width=ds.width, latent_dim=args.latent_dim,
                      base_width=args.base_width, likelihood="bernoulli" if args.binarize else "logistic",
-                     levels=2 if args.binarize else ds.levels)
+                     levels=2 if args.binarize else ds.levels, prior=args.prior,
+                     pseudo_inputs=args.pseudo_inputs or 0)
 
 
 def run(args: argparse.Namespace, ctx: distributed.DistContext) -> Optional[Dict]:
@@ -124,19 +159,29 @@ def run(args: argparse.Namespace, ctx: distributed.DistContext) -> Optional[Dict
         log.warning("resuming with changed training settings (checkpoint, now): %s", changed)
     torch.manual_seed(args.seed)  # the weight initialisation; everything later has its own seeded generator
     vae = VAE(model_config(args, ds, resume))
+    if vae.vamp is not None and resume is None:
+        # Seeded training images as the first pseudo-inputs (with replacement if the split is smaller).
+        rng = np.random.default_rng(args.seed)
+        n = vae.config.pseudo_inputs
+        picks = rng.choice(len(ds.train), size=n, replace=n > len(ds.train))
+        vae.vamp.initialise_from(to_float(ds.train.images[picks], ds.levels))
     log.info("model: %s, %d parameters", asdict(vae.config), num_parameters(vae))
+    progress = not args.quiet and sys.stderr.isatty()
     result = trainer.train(vae, ds.train, val, ds.levels, config, ctx, val_levels=eval_levels,
-                           checkpoint_path=args.out.with_suffix(".ckpt"), resume=resume)
+                           checkpoint_path=args.out.with_suffix(".ckpt"), resume=resume, progress=progress)
     if not ctx.is_main:
         return None
 
     device = ctx.device
     test_x = to_float(test.images, eval_levels)
-    metrics = evaluate.test_metrics(vae, test_x, device, k=args.eval_k, seed=args.seed)
+    metrics = evaluate.test_metrics(vae, test_x, device, k=args.eval_k, seed=args.seed, n=args.eval_n,
+                                    progress=progress)
     # Every score kind of the calib split, computed as the service will: 8-bit images through ``score`` (for a
     # binarised model too: the test metrics above use the dynamically binarised split, the scores may not).
+    calib_images = calibration.calibration_images(ds)
     scoring, calibrated = calibration.calibration_sections(
-        export.ServingModule(vae.eval()).score, calibration.calibration_images(ds), k=args.score_k,
+        _with_progress(export.ServingModule(vae.eval()).score, len(calib_images), f"calibration (K={args.score_k})",
+                       progress), calib_images, k=args.score_k,
         noise_seed=calibration.NOISE_SEED, latent_dim=vae.config.latent_dim, levels=vae.config.levels,
         device=device)
     calib_scores = calibrated["scores"]["nll"]
@@ -151,6 +196,7 @@ def run(args: argparse.Namespace, ctx: distributed.DistContext) -> Optional[Dict
         training={"epochs_run": result.epochs_run, "best_epoch": result.best_epoch, "seed": args.seed,
                   "beta": config.beta, "kl_warmup": config.kl_warmup, "free_bits": config.free_bits,
                   "lr": config.lr, "batch_size": config.batch_size, "wall_time_s": round(result.wall_time_s, 2),
+                  "images_per_s": round(_mean([row["images_per_s"] for row in result.history if "images_per_s" in row]), 1),
                   "device": str(device), "world_size": ctx.world_size,
                   "final": {k: v for k, v in last.items() if k.startswith(("train_", "val_"))}},
         evaluation=metrics,
@@ -173,17 +219,36 @@ def run(args: argparse.Namespace, ctx: distributed.DistContext) -> Optional[Dict
     return meta
 
 
+def _with_progress(score: Callable, total: int, desc: str, enabled: bool) -> Callable:
+    """``score`` that advances a tqdm bar by each call's rows; the bar closes once ``total`` rows are done."""
+    bar = tqdm(total=total, desc=desc, unit="img", leave=False, disable=not enabled, dynamic_ncols=True)
+
+    def scored(x: torch.Tensor, eps: torch.Tensor):
+        out = score(x, eps)
+        bar.update(x.shape[0])
+        if bar.n >= total:
+            bar.close()
+        return out
+
+    return scored
+
+
+def _mean(values: List[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
 def _print_summary(meta: Dict, out: Path, seconds: float) -> None:
     ev, tr = meta["evaluation"], meta["training"]
     print(f"artifact      {out}")
     print(f"data          {meta['data']['name']}  train/val/calib/test = {meta['data']['n_train']}/"
           f"{meta['data']['n_val']}/{meta['data']['n_calib']}/{meta['data']['n_test']}")
     print(f"training      {tr['epochs_run']} epochs (best {tr['best_epoch']}), {tr['wall_time_s']:.1f}s on "
-          f"{tr['device']} x{tr['world_size']}; {seconds:.1f}s in all")
+          f"{tr['device']} x{tr['world_size']} ({tr.get('images_per_s', 0):.0f} images/s); {seconds:.1f}s in all")
     print(f"test ELBO     {ev['test_elbo_nats']:.3f} ± {ev['test_elbo_se']:.3f} nats  "
           f"({ev['elbo_bits_per_dim']:.4f} bits/dim)")
     print(f"test IW-NLL   {ev['iw_nll_nats']:.3f} ± {ev['iw_nll_se']:.3f} nats  "
-          f"({ev['iw_nll_bits_per_dim']:.4f} bits/dim, K={ev['iw_k']})")
+          f"({ev['iw_nll_bits_per_dim']:.4f} bits/dim, K={ev['iw_k']}, {ev['n_test']} of {ev['n_test_total']} "
+          f"test images)")
     print(f"active units  {ev['active_units']} / {ev['latent_dim']}")
 
 

@@ -12,6 +12,7 @@ from typing import Dict, Iterator, List, Optional
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from training import objectives
 from training.export import ServingModule
@@ -53,8 +54,8 @@ def estimate_elbo(vae: VAE, loader, device: torch.device, *, noise_seed: int = 0
         for x, _ in loader:
             x = x.to(device, non_blocking=True)
             eps = torch.randn(x.shape[0], vae.config.latent_dim, generator=gen, device=device)
-            rec, mu, logvar = vae(x, eps)
-            kl = objectives.kl_standard_normal(mu, logvar)
+            rec, kl_terms, _ = vae(x, eps)
+            kl = kl_terms.sum(dim=1)  # closed form under N(0, I); the one-sample estimate under the VampPrior
             totals["n"] += x.shape[0]
             totals["rec"] += float(rec.sum())
             totals["kl"] += float(kl.sum())
@@ -77,7 +78,8 @@ def importance_weighted(vae: VAE, x: Tensor, k: int, generator: torch.Generator,
 
     K is drawn in chunks of at most ``max_rows // B`` samples and merged with a running logsumexp, so
     memory does not grow with K. The ELBO uses the mean reconstruction over the same K samples and the
-    closed-form KL, as the exported ``score`` method does.
+    closed-form KL under N(0, I), or the mean of the K log weights under the VampPrior (whose KL has no
+    closed form), as the exported ``score`` method does. log p(z) in the weights is exact for both priors.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -86,14 +88,19 @@ def importance_weighted(vae: VAE, x: Tensor, k: int, generator: torch.Generator,
     chunk = max(1, max_rows // b)
     running = torch.full((b,), -math.inf, dtype=torch.float64, device=x.device)
     rec_sum = torch.zeros(b, dtype=torch.float64, device=x.device)
+    log_w_sum = torch.zeros(b, dtype=torch.float64, device=x.device)
     mu = logvar = None
     for start in range(0, k, chunk):
         eps = torch.randn(min(chunk, k - start), b, d, generator=generator, device=x.device)
         log_w, log_px_z, mu, logvar = vae.importance_weights(x, eps)  # (k_c, B) each
         running = torch.logaddexp(running, torch.logsumexp(log_w.double(), dim=0))
         rec_sum += log_px_z.double().sum(dim=0)
-    kl = objectives.kl_standard_normal(mu, logvar).double()
-    return {"iw_ll": running - math.log(k), "elbo": rec_sum / k - kl, "mu": mu}
+        log_w_sum += log_w.double().sum(dim=0)
+    if vae.config.prior == "standard":
+        elbo = rec_sum / k - objectives.kl_standard_normal(mu, logvar).double()
+    else:
+        elbo = log_w_sum / k  # = mean_k [log p(x|z_k) - (log q(z_k|x) - log p(z_k))]
+    return {"iw_ll": running - math.log(k), "elbo": elbo, "mu": mu}
 
 
 def _mean_se(values: np.ndarray) -> tuple:
@@ -101,19 +108,41 @@ def _mean_se(values: np.ndarray) -> tuple:
     return float(values.mean()), se
 
 
+def test_subset(total: int, n: Optional[int], seed: int) -> Optional[np.ndarray]:
+    """Sorted indices of a uniform random subset of ``n`` of ``total`` test images (a function of the seed
+    only), or None for all of them (``n`` None or 0, or not below ``total``)."""
+    if n is not None and n < 0:
+        raise ValueError(f"n must be >= 0 (0: every test image), got {n}")
+    if not n or n >= total:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(total, size=n, replace=False))
+
+
 @torch.inference_mode()
-def test_metrics(vae: VAE, x: Tensor, device: torch.device, *, k: int, seed: int = 0,
-                 batch_size: int = 256) -> Dict[str, float]:
+def test_metrics(vae: VAE, x: Tensor, device: torch.device, *, k: int, seed: int = 0, n: Optional[int] = None,
+                 batch_size: int = 256, progress: bool = False) -> Dict[str, float]:
     """Test-set ELBO and K-sample IW NLL (means with standard errors across images, nats and bits/dim),
-    and the number of active latent units. ``x`` holds the test images as floats on the data's support."""
+    and the number of active latent units. ``x`` holds the test images as floats on the data's support.
+
+    ``n``: score a uniform random subset of that many images (``test_subset``, seeded by ``seed``) instead of
+    all of them; the means are then unbiased estimates of the whole test set's, and the standard errors
+    (std across images / sqrt(n)) say how far from it they may be. ``progress``: a tqdm bar on stderr.
+    """
+    total = int(x.shape[0])
+    subset = test_subset(total, n, seed)
+    if subset is not None:
+        x = x[torch.from_numpy(subset)]
     gen = torch.Generator(device).manual_seed(seed)
     iw_ll, elbo, mus = [], [], []
-    with _EvalMode(vae):
+    bar = tqdm(total=int(x.shape[0]), desc=f"test IW-NLL (K={k})", unit="img", leave=False, disable=not progress,
+               dynamic_ncols=True)
+    with _EvalMode(vae), bar:
         for xb in _batches(x, batch_size):
             out = importance_weighted(vae, xb.to(device), k, gen)
             iw_ll.append(out["iw_ll"].cpu())
             elbo.append(out["elbo"].cpu())
             mus.append(out["mu"].cpu())
+            bar.update(xb.shape[0])
     nll_mean, nll_se = _mean_se(-torch.cat(iw_ll).numpy())
     elbo_mean, elbo_se = _mean_se(torch.cat(elbo).numpy())
     dims = vae.config.num_dims
@@ -125,9 +154,12 @@ def test_metrics(vae: VAE, x: Tensor, device: torch.device, *, k: int, seed: int
         "iw_k": k,
         "elbo_bits_per_dim": objectives.bits_per_dim(-elbo_mean, dims),
         "iw_nll_bits_per_dim": objectives.bits_per_dim(nll_mean, dims),
+        "iw_nll_bits_per_dim_se": objectives.bits_per_dim(nll_se, dims),
         "active_units": active_units(torch.cat(mus)),
         "latent_dim": vae.config.latent_dim,
-        "n_test": int(x.shape[0]),
+        "n_test": int(x.shape[0]),  # images scored
+        "n_test_total": total,  # images in the test split
+        "test_subset": "all" if subset is None else f"uniform random, seed {seed}",
     }
 
 

@@ -7,7 +7,11 @@ The artifact contract (docs/architecture.md). Exported methods, all float32 on t
 - ``score(x, eps) -> (iw_ll, elbo, rec, kl, log_w)``: eps (K, B, D) standard normal noise chosen by the caller.
   Per row: the K-sample importance-weighted log-likelihood bound, the ELBO, its reconstruction and KL terms
   (all (B,), nats) and the log importance weights (K, B). Rows never mix, so the same row with the same noise
-  gets the same numbers in any batch.
+  gets the same numbers in any batch. log p(z) in the weights is the prior's exact density.
+- ``sample_prior(eps, component) -> z``: eps (B, D) standard normal, component (B,) int64 mixture indices, both
+  chosen by the caller (so a seed decides the samples): z = mu_k + sigma_k * eps under the VampPrior, z = eps
+  under N(0, I).
+- ``prior_log_prob(z) -> log p(z)``: z (..., D) -> (...), nats.
 ``metadata.json`` is described by ``build_metadata`` and checked, saved and loaded by the contract's own
 package (``vae_artifact``); this module only builds the serving module and proves it equals the eager model.
 """
@@ -20,11 +24,11 @@ from typing import Any, Dict, Tuple
 import torch
 from torch import Tensor, nn
 
-from training import objectives
+from training import objectives, priors
 from training.model import VAE
 from vae_artifact.errors import ArtifactError
 from vae_artifact.io import load_artifact, quiet_torchscript, save_artifact
-from vae_artifact.metadata import FORMAT_VERSION, METHODS
+from vae_artifact.metadata import FORMAT_VERSION, METHODS, PRIOR_METHODS
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +38,22 @@ ROUNDTRIP_ATOL = 1e-4
 
 
 class ServingModule(nn.Module):
-    """What the artifact exposes; the VAE math stays in `training.model` / `training.objectives`."""
+    """What the artifact exposes; the VAE math stays in `training.model` / `training.objectives` / `training.priors`.
+
+    The prior is frozen here: the VampPrior's components are the encoder's posteriors at the pseudo-inputs,
+    computed once from the weights the module is built with (so build it from the final, eval-mode model),
+    which makes its sampler a gather and spares every score call N encoder passes.
+    """
 
     def __init__(self, vae: VAE) -> None:
         super().__init__()
         self.vae = vae
+        self.closed_form_kl = vae.vamp is None
+        if vae.vamp is None:
+            self.prior: nn.Module = priors.StandardNormal()
+        else:
+            with torch.no_grad():
+                self.prior = priors.Mixture(*vae.prior_components())
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         return self.encode(x)
@@ -53,14 +68,26 @@ class ServingModule(nn.Module):
 
     @torch.jit.export
     def score(self, x: Tensor, eps: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        log_w, log_px_z, mu, logvar = self.vae.importance_weights(self.vae.quantize(x), eps)
+        z, log_px_z, mu, logvar = self.vae.importance_samples(self.vae.quantize(x), eps)
+        log_w = objectives.importance_log_weights(log_px_z, self.prior.log_prob(z), z, mu, logvar)
         # Reduce over K along contiguous (B, K) rows: each row is then reduced the same way whatever the batch
         # size (a (K, 1) column takes another summation order than a column of (K, B)), so a row gets the same
         # bits alone or in a batch.
         rec = log_px_z.t().contiguous().mean(dim=1)
         iw = objectives.iw_bound(log_w.t().contiguous(), dim=1)
-        kl = objectives.kl_standard_normal(mu, logvar)
+        if self.closed_form_kl:
+            kl = objectives.kl_standard_normal(mu, logvar)
+        else:  # no closed form: the K-sample estimate of E_q[log q(z|x) - log p(z)], per contiguous row too
+            kl = (log_px_z - log_w).t().contiguous().mean(dim=1)
         return iw, rec - kl, rec, kl, log_w
+
+    @torch.jit.export
+    def sample_prior(self, eps: Tensor, component: Tensor) -> Tensor:
+        return self.prior.sample(eps, component)
+
+    @torch.jit.export
+    def prior_log_prob(self, z: Tensor) -> Tensor:
+        return self.prior.log_prob(z)
 
 
 def build_metadata(vae: VAE, **sections: Any) -> Dict[str, Any]:
@@ -74,6 +101,8 @@ def build_metadata(vae: VAE, **sections: Any) -> Dict[str, Any]:
             "image": {"channels": cfg.channels, "height": cfg.height, "width": cfg.width},
             "latent_dim": cfg.latent_dim,
             "likelihood": cfg.likelihood,
+            # The prior and its exported methods (absent in older artifacts, whose prior is N(0, I)).
+            "prior": {"name": cfg.prior, "components": max(1, cfg.pseudo_inputs), "methods": PRIOR_METHODS},
             "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
         },
         "pixels": {
@@ -112,10 +141,13 @@ def compare_with_eager(eager: ServingModule, scripted: torch.jit.ScriptModule, x
     """Largest absolute difference across encode/decode/score; raises ArtifactError above ROUNDTRIP_ATOL."""
     gen = torch.Generator().manual_seed(0)
     eps = torch.randn(k, x.shape[0], eager.vae.config.latent_dim, generator=gen)
+    component = torch.randint(0, max(1, eager.vae.config.pseudo_inputs), (x.shape[0],), generator=gen)
     pairs = {
         "encode": (eager.encode(x), scripted.encode(x)),
         "decode": (eager.decode(eps[0]), scripted.decode(eps[0])),
         "score": (eager.score(x, eps), scripted.score(x, eps)),
+        "sample_prior": (eager.sample_prior(eps[0], component), scripted.sample_prior(eps[0], component)),
+        "prior_log_prob": (eager.prior_log_prob(eps), scripted.prior_log_prob(eps)),
     }
     worst = 0.0
     for name, (a, b) in pairs.items():

@@ -1,6 +1,7 @@
 """A convolutional VAE sized from the image shape.
 
-q(z|x) is a diagonal Gaussian (mean and log-variance from the encoder), p(z) = N(0, I), and p(x|z) is
+q(z|x) is a diagonal Gaussian (mean and log-variance from the encoder), p(z) is N(0, I) or the VampPrior
+(``training.priors``: a mixture of the encoder's posteriors at learned pseudo-inputs), and p(x|z) is
 either a Bernoulli (binarised data) or a logistic discretised into the data's pixel levels (8-bit or
 fewer), so every likelihood the model reports is a true discrete NLL. The encoder halves the image with
 strided convolutions while the side stays even and at least 8 (28 -> 14 -> 7, 32 -> ... -> 4, 8 -> 4);
@@ -13,7 +14,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from training import objectives
+from training import objectives, priors
 
 LIKELIHOODS = ("logistic", "bernoulli")
 
@@ -28,6 +29,8 @@ class VAEConfig:
     hidden: int = 256  # width of the fully connected layer between the conv stack and the latent
     likelihood: str = "logistic"  # "logistic" (discretised, for 8-bit data) or "bernoulli" (binarised data)
     levels: int = 256  # pixel levels the discretised logistic spreads its mass over (17 for sklearn digits)
+    prior: str = "standard"  # "standard" (N(0, I)) or "vamp" (Tomczak & Welling 2018)
+    pseudo_inputs: int = 0  # the VampPrior's mixture components; 0 with the standard prior
 
     def __post_init__(self) -> None:
         if self.channels not in (1, 3):
@@ -43,6 +46,11 @@ class VAEConfig:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}")
         if not 2 <= self.levels <= 65536:
             raise ValueError(f"levels must be in [2, 65536], got {self.levels}")
+        if self.prior not in priors.PRIORS:
+            raise ValueError(f"prior must be one of {priors.PRIORS}, got {self.prior!r}")
+        if (self.prior == "vamp") != (self.pseudo_inputs >= 1) or self.pseudo_inputs < 0:
+            raise ValueError(f"pseudo_inputs must be >= 1 with the vamp prior and 0 otherwise, got "
+                             f"{self.pseudo_inputs} with prior {self.prior!r}")
 
     @property
     def num_dims(self) -> int:
@@ -115,6 +123,9 @@ class VAE(nn.Module):
         self.channels = config.channels
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
+        # None with the standard prior: TorchScript then compiles only the N(0, I) branches below.
+        self.vamp = priors.PseudoInputs(config.pseudo_inputs, config.channels, config.height, config.width) \
+            if config.prior == "vamp" else None
 
     def encode(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         return self.encoder(x)
@@ -153,27 +164,56 @@ class VAE(nn.Module):
         return torch.round(x * (self.levels - 1)) / (self.levels - 1)
 
     def forward(self, x: Tensor, eps: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
-        """One-sample ELBO pieces: (log p(x|z) (B,), mu (B, D), logvar (B, D))."""
+        """One-sample ELBO pieces: (log p(x|z) (B,), KL terms, mu (B, D)); ELBO = rec - KL terms summed.
+
+        KL terms: the closed form per latent dim (B, D) under N(0, I); under the VampPrior, whose KL has no
+        closed form, the one-sample estimate log q(z|x) - log p(z) at this z, (B, 1).
+        """
         mu, logvar = self.encode(x)
         if eps is None:
             eps = torch.randn_like(mu)
         z = self.reparameterize(mu, logvar, eps)
-        return self.log_px_z(x, self.decode_params(z)), mu, logvar
+        return self.log_px_z(x, self.decode_params(z)), self.kl_terms(z, mu, logvar), mu
 
-    def importance_weights(self, x: Tensor, eps: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-        """K-sample importance weights for x (B, C, H, W) given noise eps (K, B, D).
+    def kl_terms(self, z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
+        """KL(q(z|x) || p(z)) in float32 (autocast may hand out bf16): (B, D) closed form, or (B, 1) estimate."""
+        mu, logvar = mu.float(), logvar.float()
+        if self.vamp is not None:
+            z = z.float()
+            return (objectives.log_normal(z, mu, logvar) - self.log_prior(z)).unsqueeze(1)
+        return objectives.kl_per_dim(mu, logvar)
 
-        Returns (log_w (K, B), log p(x|z_k) (K, B), mu, logvar). Every row uses only its own noise, so a
-        row's result does not depend on what else is in the batch.
-        """
+    def prior_components(self) -> Tuple[Tensor, Tensor]:
+        """The VampPrior's components: the encoder's (mu_k, logvar_k) at the pseudo-inputs, 2 x (N, D)."""
+        vamp = self.vamp
+        assert vamp is not None, "prior_components needs the vamp prior"
+        mu, logvar = self.encoder(vamp())
+        return mu.float(), logvar.float()
+
+    def log_prior(self, z: Tensor) -> Tensor:
+        """log p(z), exact, (..., D) -> (...). The VampPrior's components are recomputed from the current
+        pseudo-inputs and encoder, so gradients reach both."""
+        if self.vamp is not None:
+            mu_k, logvar_k = self.prior_components()
+            return priors.mixture_log_prob(z, mu_k, logvar_k)
+        return objectives.log_standard_normal(z)
+
+    def importance_samples(self, x: Tensor, eps: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """z (K, B, D) = mu + sigma * eps for noise eps (K, B, D), and log p(x|z_k) (K, B), mu, logvar.
+        Every row uses only its own noise, so a row's result does not depend on what else is in the batch."""
         mu, logvar = self.encode(x)
         k, b, d = eps.shape
         z = self.reparameterize(mu.unsqueeze(0), logvar.unsqueeze(0), eps)  # (K, B, D)
         params = self.decode_params(z.reshape(k * b, d))  # (K*B, P*C, H, W)
         c, h, w = x.shape[1], x.shape[2], x.shape[3]
         x_rep = x.unsqueeze(0).expand(k, b, c, h, w).reshape(k * b, c, h, w)
-        log_px_z = self.log_px_z(x_rep, params).view(k, b)
-        return objectives.importance_log_weights(log_px_z, z, mu, logvar), log_px_z, mu, logvar
+        return z, self.log_px_z(x_rep, params).view(k, b), mu, logvar
+
+    def importance_weights(self, x: Tensor, eps: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """K-sample importance weights for x (B, C, H, W) given noise eps (K, B, D): (log_w (K, B),
+        log p(x|z_k) (K, B), mu, logvar), with the exact log p(z) of this model's prior."""
+        z, log_px_z, mu, logvar = self.importance_samples(x, eps)
+        return objectives.importance_log_weights(log_px_z, self.log_prior(z), z, mu, logvar), log_px_z, mu, logvar
 
     def _logistic_params(self, params: Tensor) -> Tuple[Tensor, Tensor]:
         raw_loc, raw_log_scale = params.chunk(2, dim=1)  # (B, 2C, H, W) -> 2 x (B, C, H, W)

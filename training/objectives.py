@@ -78,9 +78,10 @@ def beta_vae_loss(rec: Tensor, kl_dims: Tensor, beta: float, free_bits: float) -
     return -rec.mean() + beta * kl_mean_per_dim.sum()
 
 
-def importance_log_weights(log_px_z: Tensor, z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
-    """log w_k = log p(x|z_k) + log p(z_k) - log q(z_k|x) for z: (K, B, D) -> (K, B)."""
-    return log_px_z + log_standard_normal(z) - log_normal(z, mu.unsqueeze(0), logvar.unsqueeze(0))
+def importance_log_weights(log_px_z: Tensor, log_pz: Tensor, z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
+    """log w_k = log p(x|z_k) + log p(z_k) - log q(z_k|x) for z: (K, B, D) -> (K, B); ``log_pz`` (K, B) is the
+    prior's log-density at z (``log_standard_normal(z)`` for N(0, I))."""
+    return log_px_z + log_pz - log_normal(z, mu.unsqueeze(0), logvar.unsqueeze(0))
 
 
 def iw_bound(log_w: Tensor, dim: int = 0) -> Tensor:

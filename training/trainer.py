@@ -110,14 +110,16 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
                     *, epoch: int, config: TrainConfig, generator: torch.Generator,
                     scaler: Optional[torch.amp.GradScaler] = None, autocast_dtype: Optional[torch.dtype] = None,
                     progress: bool = False) -> Dict[str, float]:
-    """One pass over ``loader``; returns this rank's per-image means {"loss", "rec", "kl", "elbo", "n",
-    "kl_weight"} (loss is the weighted objective, elbo = rec - kl with the true KL)."""
+    """One pass over ``loader``; returns this rank's per-image means {"loss", "rec", "kl", "elbo"}, "n",
+    "kl_weight" and "images_per_s" (loss is the weighted objective, elbo = rec - kl with the true KL: closed
+    form under N(0, I), the one-sample estimate under the VampPrior)."""
     model.train()
     latent_dim = unwrap(model).config.latent_dim
     steps = len(loader)
     sums = {"loss": 0.0, "rec": 0.0, "kl": 0.0, "elbo": 0.0}
     n, weight = 0, 0.0
     bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not progress, dynamic_ncols=True)
+    started = time.perf_counter()
     for step, (x, _) in enumerate(bar):
         x = x.to(device, non_blocking=True)
         if config.binarize:
@@ -125,9 +127,9 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         eps = torch.randn(x.shape[0], latent_dim, generator=generator, device=device)
         weight = kl_weight(epoch + step / steps, config.kl_warmup, config.beta)
         with torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext():
-            rec, mu, logvar = model(x, eps)
+            rec, kl_dims, _ = model(x, eps)  # the KL terms inside forward: DDP must see every parameter used
         # The objective in float32 whatever autocast did: it sums thousands of per-pixel terms.
-        rec, kl_dims = rec.float(), objectives.kl_per_dim(mu.float(), logvar.float())
+        rec, kl_dims = rec.float(), kl_dims.float()
         loss = objectives.beta_vae_loss(rec, kl_dims, weight, config.free_bits)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
@@ -149,9 +151,11 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         for key, value in batch.items():
             sums[key] += value * b
         n += b
-        bar.set_postfix(loss=f"{batch['loss']:.2f}", rec=f"{batch['rec']:.2f}", kl=f"{batch['kl']:.2f}")
+        bar.set_postfix(loss=f"{batch['loss']:.2f}", rec=f"{batch['rec']:.2f}", kl=f"{batch['kl']:.2f}",
+                        img_s=f"{n / max(time.perf_counter() - started, 1e-9):.0f}")
     bar.close()
-    return {**{k: v / max(n, 1) for k, v in sums.items()}, "n": float(n), "kl_weight": weight}
+    rate = n / max(time.perf_counter() - started, 1e-9)
+    return {**{k: v / max(n, 1) for k, v in sums.items()}, "n": float(n), "kl_weight": weight, "images_per_s": rate}
 
 
 def validate(vae: VAE, split: Split, levels: int, device: torch.device, ctx: DistContext,
@@ -188,12 +192,13 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
 
 def train(vae: VAE, train_split: Split, val_split: Split, levels: int, config: TrainConfig, ctx: DistContext,
           *, val_levels: Optional[int] = None, checkpoint_path: Optional[Path] = None,
-          resume: Optional[Dict[str, Any]] = None) -> TrainResult:
+          resume: Optional[Dict[str, Any]] = None, progress: Optional[bool] = None) -> TrainResult:
     """Train ``vae`` in place and leave it holding the weights of its best validation epoch.
 
     ``levels`` is the training split's pixel levels; ``val_levels`` the validation split's (2 once
     binarised). ``resume`` is a checkpoint dict from ``load_checkpoint``; training continues after its epoch
-    up to ``config.epochs`` in total.
+    up to ``config.epochs`` in total. ``progress``: a tqdm bar per epoch (default: on rank 0 when stderr is a
+    terminal).
     """
     device = ctx.device
     vae.to(device)
@@ -214,7 +219,7 @@ def train(vae: VAE, train_split: Split, val_split: Split, levels: int, config: T
     model = DistributedDataParallel(vae, device_ids=[device.index] if device.type == "cuda" else None) \
         if ctx.enabled else vae
     loader, sampler = make_train_loader(train_split, levels, config.batch_size, config.seed, ctx)
-    progress = ctx.is_main and sys.stderr.isatty()
+    progress = ctx.is_main and (sys.stderr.isatty() if progress is None else progress)
     epoch = start_epoch
     for epoch in range(start_epoch, config.epochs):
         if config.patience and epoch - best["epoch"] >= config.patience:
@@ -228,6 +233,7 @@ def train(vae: VAE, train_split: Split, val_split: Split, levels: int, config: T
         train_m = _global_means(train_m, ctx)
         val_m = validate(vae, val_split, val_levels or levels, device, ctx, max(config.batch_size, 256))
         row = {"epoch": epoch + 1, "kl_weight": train_m["kl_weight"], "time_s": time.perf_counter() - t0,
+               "images_per_s": train_m["images_per_s"],
                **{f"train_{k}": train_m[k] for k in ("loss", "rec", "kl", "elbo")},
                **{f"val_{k}": val_m[k] for k in ("loss", "rec", "kl", "elbo")}}
         result.history.append(row)
@@ -235,9 +241,9 @@ def train(vae: VAE, train_split: Split, val_split: Split, levels: int, config: T
         if improved:
             best = {"epoch": epoch + 1, "val_elbo": val_m["elbo"],
                     "model": {k: v.detach().cpu().clone() for k, v in vae.state_dict().items()}}
-        log.info("epoch %d/%d  train loss %.3f (rec %.3f, kl %.3f, w %.2f)  val ELBO %.3f%s  %.1fs", epoch + 1,
-                 config.epochs, row["train_loss"], row["train_rec"], row["train_kl"], row["kl_weight"],
-                 row["val_elbo"], " *" if improved else "", row["time_s"])
+        log.info("epoch %d/%d  train loss %.3f (rec %.3f, kl %.3f, w %.2f)  val ELBO %.3f%s  %.1fs (%.0f images/s)",
+                 epoch + 1, config.epochs, row["train_loss"], row["train_rec"], row["train_kl"], row["kl_weight"],
+                 row["val_elbo"], " *" if improved else "", row["time_s"], row["images_per_s"])
         if ctx.is_main and checkpoint_path is not None:
             save_checkpoint(checkpoint_path, vae, optimizer, scaler, config, epoch + 1, best, result.history)
     else:
@@ -251,8 +257,9 @@ def train(vae: VAE, train_split: Split, val_split: Split, levels: int, config: T
 
 
 def _global_means(metrics: Dict[str, float], ctx: DistContext) -> Dict[str, float]:
-    """Turn per-rank means into means over every rank's images."""
-    n = metrics["n"]
-    sums = distributed.all_reduce_sums({k: v * n for k, v in metrics.items() if k not in ("n", "kl_weight")}
-                                       | {"n": n}, ctx)
-    return {**{k: v / max(sums["n"], 1.0) for k, v in sums.items() if k != "n"}, "kl_weight": metrics["kl_weight"]}
+    """Turn per-rank means into means over every rank's images; images/s into the sum over ranks."""
+    n, own = metrics["n"], ("n", "kl_weight", "images_per_s")
+    sums = distributed.all_reduce_sums({k: v * n for k, v in metrics.items() if k not in own}
+                                       | {"n": n, "images_per_s": metrics["images_per_s"]}, ctx)
+    return {**{k: v / max(sums["n"], 1.0) for k, v in sums.items() if k not in own},
+            "kl_weight": metrics["kl_weight"], "images_per_s": sums["images_per_s"]}

@@ -31,6 +31,13 @@ METHODS = {
     "(iw_log_likelihood[B], elbo[B], reconstruction[B], kl[B], log_weights[K,B]), nats",
 }
 KERNELS = tuple(METHODS)
+# The prior's methods, listed in ``model.prior.methods`` and exported by artifacts that record ``model.prior``
+# (a reader needs them when the prior is not N(0, I); older artifacts have neither and a standard normal prior).
+PRIOR_METHODS = {
+    "sample_prior": "sample_prior(eps: float32[B,D] ~ N(0,I), component: int64[B] in [0, components)) -> z[B,D]",
+    "prior_log_prob": "prior_log_prob(z: float32[...,D]) -> log p(z)[...], nats",
+}
+PRIORS = ("standard", "vamp")  # N(0, I); the VampPrior (a uniform mixture of posteriors at pseudo-inputs)
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,19 @@ class ScoringSection:
 
 
 @dataclass(frozen=True)
+class PriorSection:
+    """``model.prior``: p(z). ``standard`` is N(0, I) (one component); ``vamp`` a uniform mixture of
+    ``components`` diagonal Gaussians, sampled through the artifact's ``sample_prior`` (PRIOR_METHODS)."""
+
+    name: str = "standard"
+    components: int = 1
+
+    @property
+    def is_standard(self) -> bool:
+        return self.name == "standard"
+
+
+@dataclass(frozen=True)
 class CalibrationSection:
     """``calibration``: every kind's scores of the held-out calib split, sorted, with the K used."""
 
@@ -80,6 +100,7 @@ class Metadata(MappingABC):
     created: str
     document: Mapping[str, Any]  # the whole metadata.json, read-only
     directions: DirectionsSection = NO_DIRECTIONS  # latent directions for edits (vae_artifact.directions)
+    prior: PriorSection = PriorSection()  # absent in older artifacts: N(0, I)
 
     @classmethod
     def from_dict(cls, document: Any, source: str = "artifact") -> "Metadata":
@@ -100,6 +121,7 @@ class Metadata(MappingABC):
             scoring = _scoring(document.get("scoring") or {})
             calibration = _calibration(document.get("calibration"))
             directions = DirectionsSection.from_dict(document.get("directions"), latent_dim)
+            prior = _prior(model.get("prior"))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:  # AttributeError: a section not an object
             raise ArtifactError(f"{source}: metadata lacks or mangles a required field ({exc!r}); needs "
                                 "model.image.{channels,height,width} and model.latent_dim") from exc
@@ -112,7 +134,7 @@ class Metadata(MappingABC):
         return cls(format_version=version, image=image, latent_dim=latent_dim, likelihood=likelihood, levels=levels,
                    scoring=scoring, calibration=calibration, weights_sha256=sha if isinstance(sha, str) else None,
                    created=str(document.get("created", "unknown")), document=MappingProxyType(document),
-                   directions=directions)
+                   directions=directions, prior=prior)
 
     def to_dict(self) -> Dict[str, Any]:
         """A deep copy of the whole document (JSON types only)."""
@@ -144,6 +166,19 @@ def _scoring(section: Mapping[str, Any]) -> ScoringSection:
     return ScoringSection(k=k, noise_seed=_int(section.get("noise_seed", 0)), default=str(section.get("default", "nll")),
                           kinds=MappingProxyType({str(name): MappingProxyType(dict(d or {})) for name, d in kinds.items()}),
                           batch_invariant=section.get("batch_invariant") is True)
+
+
+def _prior(section: Any) -> PriorSection:
+    if section is None:
+        return PriorSection()
+    name = str(section["name"])
+    if name not in PRIORS:
+        raise ValueError(f"model.prior.name must be one of {list(PRIORS)}, got {name!r}")
+    components = _int(section.get("components", 1))
+    # At most 2**24: a service passes component indices as float32 rows, exact up to there.
+    if not 1 <= components <= 2**24 or (name == "standard" and components != 1):
+        raise ValueError(f"model.prior.components must be in [1, 2**24] (1 for the standard prior), got {components}")
+    return PriorSection(name=name, components=components)
 
 
 def _calibration(section: Any) -> Optional[CalibrationSection]:
