@@ -19,7 +19,7 @@ from service.errors import install_handlers
 from service.metrics import Metrics
 from service.middleware import ApiKeyRequired, BodyLimit, InFlightLimit, RequestMetrics
 from service import openapi
-from service.routes import anomaly, edit, inference, ops, v2
+from service.routes import anomaly, edit, inference, ops, ui, v2
 from service.devices import default_torch_threads, default_workers
 from service.runtime import KERNELS, ModelRuntime
 from service.scoring import ScoreKinds
@@ -43,8 +43,12 @@ def create_app(settings: Optional[Settings] = None, runtime: Optional[ModelRunti
     install_handlers(app)
     for router in (inference.router, anomaly.router, edit.router, ops.router, v2.router):
         app.include_router(router)
+    if settings.ui:
+        app.include_router(ui.router)
     openapi.install(app)  # the served document states the limits of these settings and the loaded model
-    app.add_middleware(ApiKeyRequired, settings=settings, metrics=state.metrics)  # inside CORS: preflights pass
+    # Inside CORS: preflights pass. The page's own files are open: it asks for the key and sends it itself.
+    app.add_middleware(ApiKeyRequired, settings=settings, metrics=state.metrics,
+                       public=ui.PATHS if settings.ui else frozenset())
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["*"])

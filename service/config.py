@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     # /metrics without the API key, for an in-cluster scraper that cannot send one; everything else but
     # /livez and /readyz still needs the key.
     metrics_public: bool = False
+    # The page at / (service/routes/ui.py): a look at the model in a browser. Its three files need no key (the
+    # page asks for it and sends it on its own requests); false serves no page and leaves those paths closed.
+    ui: bool = True
 
     api_key: Optional[SecretStr] = None  # when set, every non-health endpoint needs X-API-Key
     expected_sha256: Optional[str] = None  # refuse to start unless the artifact file has this sha256

@@ -17,7 +17,7 @@ from service.metrics import Metrics
 # Endpoint label values are bounded: any other path is counted as "other".
 ENDPOINTS = frozenset({
     "/encode", "/decode", "/sample", "/interpolate", "/anomaly-score",
-    "/livez", "/readyz", "/metrics", "/v1/model", "/docs", "/openapi.json",
+    "/livez", "/readyz", "/metrics", "/v1/model", "/docs", "/openapi.json", "/",
     "/directions", "/edit", "/directions/compute",  # latent editing (service.routes.edit)
 })
 
@@ -117,18 +117,18 @@ PROBES = frozenset({"/livez", "/readyz", "/v2/health/live", "/v2/health/ready"})
 
 
 class ApiKeyRequired:
-    """With ``settings.api_key`` set, every request but the probes (and /metrics with ``metrics_public``) needs
-    that key in X-API-Key, else 401 before the app sees it.
+    """With ``settings.api_key`` set, every request but the probes, ``public`` (the page at / and its files) and
+    /metrics with ``metrics_public`` needs that key in X-API-Key, else 401 before the app sees it.
 
     Middleware, not a route dependency: it also guards what no router of ours declares (the OpenAPI document,
     the Swagger UI and its assets, unknown paths). It must sit inside CORS, which answers a browser's
     preflight itself: a preflight never carries the key.
     """
 
-    def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics, public: frozenset = frozenset()) -> None:
         self.app, self.metrics = app, metrics
         self.key = settings.api_key.get_secret_value().encode() if settings.api_key is not None else None
-        self.open = PROBES | ({"/metrics"} if settings.metrics_public else set())
+        self.open = PROBES | public | ({"/metrics"} if settings.metrics_public else set())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.key is None or scope["type"] != "http" or scope["path"] in self.open:
