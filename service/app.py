@@ -20,7 +20,7 @@ from service.metrics import Metrics
 from service.middleware import ApiKeyRequired, BodyLimit, InFlightLimit, RequestMetrics
 from service import openapi
 from service.routes import anomaly, edit, inference, ops, ui, v2
-from service.devices import default_torch_threads, default_workers
+from service.devices import default_torch_threads, default_workers, release_free_memory
 from service.runtime import KERNELS, ModelRuntime
 from service.scoring import ScoreKinds
 
@@ -93,6 +93,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 async def _warm_up(state: ServiceState) -> None:
     try:
         seconds = await state.batcher.run_in_worker(state.runtime.warm_up)
+        await state.batcher.run_in_worker(release_free_memory)  # what the warm-up's largest calls left
     except Exception as exc:
         # Not ready, and not live either: an orchestrator should replace this process, not wait for it.
         log.exception("warm-up failed; the service stays not ready")

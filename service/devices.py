@@ -34,6 +34,28 @@ def pin_cpu_numerics() -> None:
         os.environ.setdefault(name, value)
 
 
+def release_free_memory() -> bool:
+    """Hand the C heap's free pages back to the system (glibc's ``malloc_trim``); False where there is none.
+
+    Warm-up runs every call size once, up to the largest; glibc keeps what those calls freed, and with
+    several processes per machine that is tens of MB each that no later call may need. Measured: the
+    benchmark's resident memory after its load, two processes, 774-781 MB with a trim after warm-up against
+    800-850 MB without (bench/README.md).
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim this way
+        trim = None
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
 def available_cpus() -> int:
     """CPUs this process may use: its affinity mask, lowered by a cgroup CPU quota (a container's limit)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
