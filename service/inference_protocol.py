@@ -38,8 +38,12 @@ Parameters = Dict[str, Any]
 
 
 # -- the JSON bodies (they also define /openapi.json) ---------------------------------------------------------
+# Strict: a shape of ["2"] or a name of 5 is refused, not coerced; unknown keys (other servers' extensions) pass.
+_REQUEST = ConfigDict(extra="ignore", strict=True)
+
+
 class TensorIn(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _REQUEST
     name: str
     shape: List[int] = Field(description="Dimensions; their product is the element count.")
     datatype: str = Field(description="BOOL, UINT8 ... INT64, FP16, FP32, FP64.")
@@ -49,13 +53,13 @@ class TensorIn(BaseModel):
 
 
 class OutputIn(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _REQUEST
     name: str
     parameters: Optional[Parameters] = Field(None, description="binary_data: send this output as raw bytes.")
 
 
 class InferenceRequestIn(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _REQUEST
     id: Optional[str] = None
     parameters: Optional[Parameters] = Field(None, description="binary_data_output, and the model's own.")
     inputs: List[TensorIn] = Field(min_length=1)

@@ -227,6 +227,8 @@ MALFORMED = {
     "bad alpha": ("scorer", {"inputs": [image_input(data=[0] * 128)], "parameters": {"alpha": 1.5}}),
     "bad tail": ("scorer", {"inputs": [image_input(data=[0] * 128)], "parameters": {"tail": "lower"}}),
     "unknown score": ("scorer", {"inputs": [image_input(data=[0] * 128)], "parameters": {"score": "nope"}}),
+    "shape of strings": ("encoder", {"inputs": [image_input(shape=["2", "1", "8", "8"], data=[0] * 128)]}),
+    "timeout not microseconds": ("encoder", {"inputs": [image_input(data=[0] * 128)], "parameters": {"timeout": "1s"}}),
     "binary_data_output not a bool": ("encoder", {"inputs": [image_input(data=[0] * 128)],
                                                   "parameters": {"binary_data_output": "yes"}}),
 }
@@ -269,6 +271,12 @@ def test_malformed_binary_requests_get_a_4xx(http, case):
     response = http.post("/v2/models/encoder/infer", content=body, headers=headers)
     assert 400 <= response.status_code < 500, (response.status_code, response.text)
     assert set(response.json()) == {"error"} and isinstance(response.json()["error"], str)
+
+
+def test_a_bad_request_timeout_is_the_protocols_400(http):
+    response = http.post("/v2/models/encoder/infer", json={"inputs": [image_input(data=[0] * 128)]},
+                         headers={"X-Request-Timeout": "soon"})
+    assert response.status_code == 400 and "x-request-timeout" in response.json()["error"]
 
 
 def test_tritonclient_sees_the_reason(tc, digit_images):
