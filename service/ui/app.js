@@ -342,8 +342,10 @@ function scoreView(result, row, alpha) {
     verdict = `normal at α = ${alpha}`;
     kind = "normal";
   }
+  const kinds = (state.model.metadata.scoring || {}).kinds || {};
+  const units = (kinds[result.score] && kinds[result.score].units) || "nats";
   const facts = [
-    [`Score (${result.score})`, `${fmt(row.score_nats)} nats`],
+    [`Score (${result.score})`, `${fmt(row.score_nats)} ${units}`],
     ["p-value", fmtP(row.p_value)],
     ["Percentile", row.percentile === null ? "—" : `${fmt(row.percentile, 1)} %`],
     ["NLL", `${fmt(row.nll_nats)} nats (${fmt(row.nll_bits_per_dim, 3)} bits/dim)`],
