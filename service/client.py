@@ -110,6 +110,38 @@ class AnomalyResult:
     calibration: Dict[str, Any]  # calibrated, n, k (the calibration's), alpha, tail, threshold_nats
 
 
+@dataclass
+class Direction:
+    """A stored latent direction (``GET /directions``); edits are z' = mu + strength * vector."""
+
+    name: str  # class:<label>, pixel:<statistic>, or a custom name
+    kind: str  # class, pixel or custom
+    description: str
+    n_pos: int  # images with the attribute it was built from
+    n_neg: int  # images without it
+    norm: float  # length of the vector, in latent units
+    auroc: Optional[float]  # held-out AUROC of <mu, vector>; None when unchecked
+    vector: Optional[np.ndarray] = None  # (D,) float64, with directions(vectors=True)
+
+
+@dataclass
+class Edits:
+    strengths: np.ndarray  # (S,) float64, raw latent units of the vector
+    z: np.ndarray  # (N, S, D) float32: z' = mu + strength * vector per input and strength
+    images: List[List[Image.Image]]  # images[input][strength]
+
+
+@dataclass
+class ComputedDirection:
+    """A direction computed from example images (``POST /directions/compute``); pass ``vector`` to ``edit``."""
+
+    vector: np.ndarray  # (D,) float64: mean mu of the positives minus that of the negatives
+    norm: float
+    n_pos: int
+    n_neg: int
+    auroc: Optional[float]  # on held-out examples; None with fewer than 2 on a side
+
+
 # AnomalyResult's per-image float columns: what _anomaly reads from every row of the response.
 _FLOAT_COLUMNS = ("score_nats", "complexity_bits", "nll_nats", "nll_bits_per_dim", "nll_se_nats", "ess", "elbo_nats",
                   "reconstruction_nats", "kl_nats", "p_value", "percentile")
@@ -204,14 +236,35 @@ def _anomaly(response: httpx.Response) -> AnomalyResult:
                          calibration=body["calibration"])
 
 
-def _image_body(images: Images) -> Dict[str, Any]:
-    """Images -> httpx keyword arguments: numpy as one .npy body (the fast path), anything else as multipart."""
+def _directions(response: httpx.Response) -> List[Direction]:
+    return [Direction(row["name"], row["kind"], row["description"], row["n_pos"], row["n_neg"], row["norm"],
+                      row["auroc"], None if row.get("vector") is None else np.asarray(row["vector"], np.float64))
+            for row in _json(response)["directions"]]
+
+
+def _edits(response: httpx.Response) -> Edits:
+    body = _json(response)
+    return Edits(np.asarray(body["strengths"], np.float64),
+                 np.asarray([row["z"] for row in body["edits"]], np.float32).reshape(len(body["edits"]),
+                                                                                     len(body["strengths"]), -1),
+                 [_pngs(row["images"]) for row in body["edits"]])
+
+
+def _computed(response: httpx.Response) -> ComputedDirection:
+    body = _json(response)
+    return ComputedDirection(np.asarray(body["vector"], np.float64), body["norm"], body["n_pos"], body["n_neg"],
+                             body["auroc"])
+
+
+def _png_files(images: Images) -> List[bytes]:
+    """Images of any accepted form -> PNG (or the given encoded) bytes, one per image."""
     if isinstance(images, np.ndarray):
-        if images.dtype.kind not in "uif":
-            raise TypeError(f"numpy images must be uint8 (0..255) or float (0..1), got dtype {images.dtype}")
-        buffer = io.BytesIO()
-        np.save(buffer, images, allow_pickle=False)
-        return {"content": buffer.getvalue(), "headers": {"Content-Type": NPY}}
+        array = images if images.dtype == np.uint8 else np.clip(np.rint(images * 255.0), 0, 255).astype(np.uint8)
+        if array.ndim == 2:
+            array = array[None]
+        if array.ndim == 4:  # (N, C, H, W) -> (N, H, W) or (N, H, W, C), Pillow's layouts
+            array = array[:, 0] if array.shape[1] == 1 else array.transpose(0, 2, 3, 1)
+        images = [Image.fromarray(np.ascontiguousarray(image)) for image in array]
     items = [images] if isinstance(images, (Image.Image, bytes, bytearray)) else list(images)
     if not items:
         raise ValueError("images is empty")
@@ -225,8 +278,40 @@ def _image_body(images: Images) -> Dict[str, Any]:
             item = buffer.getvalue()
         elif not isinstance(item, (bytes, bytearray)):
             raise TypeError(f"images[{index}] is a {type(item).__name__}; expected a PIL image or encoded bytes")
-        files.append(("file", (f"image{index}", bytes(item), "application/octet-stream")))
-    return {"files": files}
+        files.append(bytes(item))
+    return files
+
+
+def _base64(images: Images) -> List[str]:
+    return [base64.b64encode(data).decode("ascii") for data in _png_files(images)]
+
+
+def _edit_body(images: Optional[Images], z: Any, direction: Optional[str], vector: Any,
+               strengths: Optional[Sequence[float]]) -> Dict[str, Any]:
+    if (images is None) == (z is None):
+        raise TypeError("give exactly one of images or z")
+    if (direction is None) == (vector is None):
+        raise TypeError("give exactly one of direction (a stored name) or vector")
+    body: Dict[str, Any] = {"images": _base64(images)} if z is None else _latents(z)
+    if direction is not None:
+        body["direction"] = direction
+    else:
+        body["vector"] = np.asarray(vector, dtype=np.float64).ravel().tolist()
+    if strengths is not None:
+        body["strengths"] = [float(s) for s in np.atleast_1d(np.asarray(strengths, dtype=np.float64))]
+    return body
+
+
+def _image_body(images: Images) -> Dict[str, Any]:
+    """Images -> httpx keyword arguments: numpy as one .npy body (the fast path), anything else as multipart."""
+    if isinstance(images, np.ndarray):
+        if images.dtype.kind not in "uif":
+            raise TypeError(f"numpy images must be uint8 (0..255) or float (0..1), got dtype {images.dtype}")
+        buffer = io.BytesIO()
+        np.save(buffer, images, allow_pickle=False)
+        return {"content": buffer.getvalue(), "headers": {"Content-Type": NPY}}
+    return {"files": [("file", (f"image{index}", data, "application/octet-stream"))
+                      for index, data in enumerate(_png_files(images))]}
 
 
 def _latents(z: Any) -> Dict[str, List[List[float]]]:
@@ -336,6 +421,30 @@ class _Operations:
         params = {"alpha": alpha, "tail": tail, **({} if k is None else {"k": k}),
                   **({} if score is None else {"score": score})}
         return self._send(_Call("POST", "/anomaly-score", {"params": params, **_image_body(images)}, _anomaly))
+
+    def directions(self, *, vectors: bool = False):
+        """The artifact's latent directions -> list of ``Direction`` (each with its vector when ``vectors``)."""
+        params = {"vectors": "true"} if vectors else {}
+        return self._send(_Call("GET", "/directions", {"params": params}, _directions))
+
+    def edit(self, images: Optional[Images] = None, *, z: Any = None, direction: Optional[str] = None,
+             vector: Any = None, strengths: Optional[Sequence[float]] = None):
+        """Images (edited from their posterior means) or latents ``z``, moved along a stored ``direction`` (a
+        name) or a ``vector`` (D,) and decoded -> ``Edits``: z' = mu + strength * vector for each of
+        ``strengths`` (raw latent units; default -2, -1, 0, 1, 2)."""
+        body = _edit_body(images, z, direction, vector, strengths)
+        return self._send(_Call("POST", "/edit", {"json": body}, _edits))
+
+    def edit_array(self, images: Optional[Images] = None, *, z: Any = None, direction: Optional[str] = None,
+                   vector: Any = None, strengths: Optional[Sequence[float]] = None):
+        """As ``edit``, as float32 pixel means in [0, 1] of shape (N, S, C, H, W)."""
+        body = _edit_body(images, z, direction, vector, strengths)
+        return self._send(_pixels("/edit", True, json=body))
+
+    def compute_direction(self, positive: Images, negative: Images):
+        """Example images with and without an attribute -> ``ComputedDirection`` (its vector goes to ``edit``)."""
+        body = {"positive": _base64(positive), "negative": _base64(negative)}
+        return self._send(_Call("POST", "/directions/compute", {"json": body}, _computed))
 
     def model_info(self):
         """The served artifact (dict): device, sha256, image shape, latent_dim, score_k, metadata."""

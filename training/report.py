@@ -18,7 +18,8 @@ from training.model import VAE
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "report.json"
-FIGURES = ("loss_curves.png", "reconstructions.png", "samples.png", "latents.png", "scores.png")
+FIGURES = ("loss_curves.png", "reconstructions.png", "samples.png", "latents.png", "scores.png", "edits.png")
+EDIT_STRENGTHS = (-2.0, -1.0, 0.0, 1.0, 2.0)  # the service's default strengths for /edit (raw latent units)
 
 
 def report_document(metadata: Dict[str, Any], history: List[Dict[str, float]]) -> Dict[str, Any]:
@@ -53,6 +54,8 @@ def write_report(out_dir: Path, metadata: Dict[str, Any], history: List[Dict[str
         "latents.png": _latents(test_mu.numpy(), np.asarray(test_labels)),
         "scores.png": _score_histogram(calib_scores, test_scores, metadata.get("scoring", {}).get("k")),
     }
+    if (metadata.get("directions") or {}).get("items"):
+        figures["edits.png"] = _edits(vae, x[:6], metadata["directions"]["items"], title)
     for name, fig in figures.items():
         fig.savefig(out_dir / name, dpi=100)
         written.append(out_dir / name)
@@ -109,6 +112,30 @@ def _grid_figure(groups: List[Tensor], labels: List[str], title: str):
         ax.imshow(tile, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         ax.set_title(f"{label}\n{title}" if title else label, fontsize=9)
         ax.axis("off")
+    return fig
+
+
+@torch.inference_mode()
+def _edits(vae: VAE, x: Tensor, items: List[Dict[str, Any]], title: str):
+    """Attribute edits: per direction (two pixel ones, two class ones), rows = inputs, columns = strengths,
+    each image decoded from z' = mu + strength * vector."""
+    pixel = [d for d in items if d["kind"] == "pixel"][:2]
+    chosen = pixel + [d for d in items if d not in pixel][: 4 - len(pixel)]
+    mu = vae.encode(x)[0]
+    strengths = torch.tensor(EDIT_STRENGTHS)
+    fig = _figure(2.6 * len(chosen), 2.6 * len(x) / len(strengths) + 0.9)
+    for ax, direction in zip(np.atleast_1d(fig.subplots(1, len(chosen))), chosen):
+        v = torch.tensor(direction["vector"], dtype=mu.dtype)
+        z = mu[:, None, :] + strengths[None, :, None] * v  # (N, S, D)
+        images = vae.decode(z.reshape(-1, z.shape[-1]))  # (N * S, C, H, W), row by row
+        ax.imshow(_tile(images, columns=len(strengths)), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        auroc = direction.get("auroc")
+        ax.set_title(f"{direction['name']} (AUROC {auroc:.2f})" if auroc is not None else direction["name"],
+                     fontsize=9)
+        ax.set_xlabel("strength " + " ".join(f"{s:+g}" for s in EDIT_STRENGTHS), fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"z' = mu + strength * v{': ' + title if title else ''}", fontsize=9)
     return fig
 
 
