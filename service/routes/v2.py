@@ -3,9 +3,9 @@
 metrics and API key as the rest of the service. Errors are the protocol's ``{"error": "<message>"}``."""
 
 import importlib.metadata
-from typing import Optional
+from typing import Annotated
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Path, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from service import inference_models
@@ -48,6 +48,12 @@ INFER_BODY = {
         "description": "Bytes of JSON at the start of the body; raw tensor bytes follow it."}],
 }
 INFER_OUT = {200: {"content": {BINARY: {"schema": {"type": "string", "format": "binary"}}}}}
+# The document names the models and the version this server has (a generated request reaches a real model);
+# the routes still answer any other name or version with the protocol's 404.
+ModelName = Annotated[str, Path(description="encoder, decoder or scorer; any other name: 404.",
+                                json_schema_extra={"enum": list(inference_models.MODEL_NAMES)})]
+ModelVersion = Annotated[str, Path(description="Each model has one version, 1; any other: 404.",
+                                   json_schema_extra={"enum": [inference_models.VERSION]})]
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol"], responses=ERRORS)
 
@@ -71,31 +77,41 @@ async def ready(state: State) -> JSONResponse:
 
 
 @router.get("/models/{name}", response_model=ModelMetadataOut)
-@router.get("/models/{name}/versions/{version}", response_model=ModelMetadataOut)
-async def model_metadata(state: State, name: str, version: Optional[str] = None) -> JSONResponse:
+async def model_metadata(state: State, name: ModelName) -> JSONResponse:
     """A model's platform, versions, inputs and outputs (datatypes; shapes, -1 for any size)."""
     if state.runtime is None:
         raise ModelNotReady("no model loaded yet")
-    return JSONResponse(inference_models.model(state.runtime.info, name, version).metadata())
+    return JSONResponse(inference_models.model(state.runtime.info, name).metadata())
+
+
+@router.get("/models/{name}/versions/{version}", response_model=ModelMetadataOut)
+async def model_version_metadata(state: State, name: ModelName, version: ModelVersion) -> JSONResponse:
+    """The same, for one version of the model (each has one, "1")."""
+    inference_models.known(name, version)
+    return await model_metadata(state, name)
 
 
 @router.get("/models/{name}/ready", response_model=ModelReadyOut, responses={503: {"model": ModelReadyOut}})
+async def model_ready(state: State, name: ModelName) -> JSONResponse:
+    """200 when the model serves, 503 while it warms up or drains, 404 for a model this server does not have."""
+    inference_models.known(name)
+    return _ready({"name": name, "ready": state.server_ready})
+
+
 @router.get("/models/{name}/versions/{version}/ready", response_model=ModelReadyOut,
             responses={503: {"model": ModelReadyOut}})
-async def model_ready(state: State, name: str, version: Optional[str] = None) -> JSONResponse:
-    """200 when the model serves, 503 while it warms up or drains, 404 for a model this server does not have."""
+async def model_version_ready(state: State, name: ModelName, version: ModelVersion) -> JSONResponse:
+    """The same, for one version of the model."""
     inference_models.known(name, version)
-    return _ready({"name": name, "ready": state.server_ready})
+    return await model_ready(state, name)
 
 
 @router.post("/models/{name}/infer", response_model=InferenceResponseOut, responses=INFER_OUT,
              openapi_extra=INFER_BODY)
-@router.post("/models/{name}/versions/{version}/infer", response_model=InferenceResponseOut, responses=INFER_OUT,
-             openapi_extra=INFER_BODY)
-async def infer(request: Request, call: Model, name: str, version: Optional[str] = None) -> Response:
+async def infer(request: Request, call: Model, name: ModelName) -> Response:
     """Inputs -> the requested outputs, as JSON tensors or raw bytes (binary tensor data extension)."""
     state = call.state
-    model = inference_models.model(state.runtime.info, name, version)
+    model = inference_models.model(state.runtime.info, name)
     body = await request.body()
     small = len(body) <= INLINE_BYTES and "content-encoding" not in request.headers
     args = (state, model, body, request.headers.get(HEADER_LENGTH), request.headers.get("content-encoding"))
@@ -111,6 +127,14 @@ async def infer(request: Request, call: Model, name: str, version: Optional[str]
     if json_length is None:
         return Response(content, media_type="application/json")
     return Response(content, media_type=BINARY, headers={"Inference-Header-Content-Length": str(json_length)})
+
+
+@router.post("/models/{name}/versions/{version}/infer", response_model=InferenceResponseOut, responses=INFER_OUT,
+             openapi_extra=INFER_BODY)
+async def infer_version(request: Request, call: Model, name: ModelName, version: ModelVersion) -> Response:
+    """The same, for one version of the model."""
+    inference_models.known(name, version)
+    return await infer(request, call, name)
 
 
 def _ready(body: dict) -> JSONResponse:
