@@ -21,8 +21,18 @@ const state = {
   files: [], // [{file, name, url, scoreRow}]
   items: [], // interpolation and edit ends: [{id, label, z}]
   directions: null, // [{name, kind, description, ...}] or null when editing is unavailable
-  editRequest: null, // AbortController of the edit in flight
+  edits: {}, // AbortController of the edit in flight, per view ("live", "strip")
 };
+
+// Answers can arrive out of order (a second click before the first answer): only the latest request of each
+// kind may change the page. ticket(kind) returns a function that says whether its request is still the latest.
+const latestTickets = {};
+
+function ticket(kind) {
+  const mine = (latestTickets[kind] || 0) + 1;
+  latestTickets[kind] = mine;
+  return () => latestTickets[kind] === mine;
+}
 
 // ---------------------------------------------------------------------------------------------------------------
 // HTTP
@@ -179,15 +189,20 @@ function forgetKey() {
 // Model card
 
 async function loadModel() {
+  const current = ticket("model");
   say("model-status", "Loading the model card…");
+  let model;
   try {
-    state.model = await busy("model", () => api("v1/model"));
+    model = await busy("model", () => api("v1/model"));
   } catch (error) {
+    if (!current()) return;
     state.model = null;
     $("model-card").replaceChildren();
     fail("model-status", error);
     return;
   }
+  if (!current()) return;
+  state.model = model;
   say("model-status", "");
   renderModel(state.model);
   fillScoreKinds(state.model.metadata.scoring);
@@ -298,6 +313,7 @@ async function reconstruct(entry) {
   try {
     const encoded = await api("encode", { method: "POST", form: formWith(entry.file) });
     const decoded = await api("decode", { method: "POST", json: { z: encoded.mu } });
+    if (!state.files.includes(entry)) return; // replaced by newer images meanwhile
     slot.replaceWith(tile(pixelImage(decoded.images[0], `Reconstruction of ${entry.name}`, LARGE), "reconstruction"));
     state.items.push({ id: `image-${entry.index}`, kind: "image", order: entry.index, label: `Your image ${entry.index + 1}: ${entry.name}`, z: encoded.mu[0] });
   } catch (error) {
@@ -315,11 +331,13 @@ async function score(entry) {
   }
   const kind = $("score-kind").value;
   const slot = () => entry.node.querySelector(".slot-score");
+  entry.scoring = (entry.scoring || 0) + 1; // a newer score of this image (another α or kind) wins
+  const mine = entry.scoring;
   try {
     const result = await api("anomaly-score", { method: "POST", form: formWith(entry.file), query: { alpha, score: kind } });
-    slot().replaceWith(scoreView(result, result.scores[0], alpha));
+    if (entry.scoring === mine) slot().replaceWith(scoreView(result, result.scores[0], alpha));
   } catch (error) {
-    slot().replaceWith(errorNote(error, "slot-score"));
+    if (entry.scoring === mine) slot().replaceWith(errorNote(error, "slot-score"));
     throw error;
   }
 }
@@ -400,9 +418,11 @@ async function drawSamples() {
   } catch (error) {
     return fail("samples-status", error);
   }
+  const current = ticket("samples");
   say("samples-status", "Drawing…");
   try {
     const result = await busy("samples", () => api("sample", { method: "POST", json: request }));
+    if (!current()) return;
     const label = `seed ${request.seed}, temperature ${request.temperature.toFixed(2)}`;
     $("sample-grid").replaceChildren(...result.images.map((image, i) =>
       el("li", {}, tile(pixelImage(image, `Sample ${i + 1} of ${result.images.length}, ${label}`, SMALL), `#${i + 1}`))));
@@ -411,7 +431,7 @@ async function drawSamples() {
     updateItemControls();
     say("samples-status", `${result.images.length} samples, ${label}.`);
   } catch (error) {
-    fail("samples-status", error);
+    if (current()) fail("samples-status", error);
   }
 }
 
@@ -454,15 +474,17 @@ async function interpolate() {
   if (!Number.isInteger(steps) || steps < 2 || steps > 32) {
     return say("interp-status", "Frames must be a whole number from 2 to 32.", "error");
   }
+  const current = ticket("interpolation");
   say("interp-status", "Interpolating…");
   try {
     const result = await busy("interpolation", () =>
       api("interpolate", { method: "POST", query: { steps, method }, json: { z: [from.z, to.z] } }));
+    if (!current()) return;
     $("interp-strip").replaceChildren(...result.images.map((image, i) => el("li", {},
       tile(pixelImage(image, `Frame ${i + 1} of ${result.images.length} (${method})`, SMALL), String(i + 1)))));
     say("interp-status", `${result.images.length} frames, ${method}, from ${from.label} to ${to.label}.`);
   } catch (error) {
-    fail("interp-status", error);
+    if (current()) fail("interp-status", error);
   }
 }
 
@@ -515,19 +537,20 @@ function updateEditControls() {
   else if (hasSource && $("edit-status").dataset.kind === "prompt") say("edit-status", "");
 }
 
-async function edit(strengths) {
+// One edit request per view: a newer one aborts the one in flight (only the slider's latest position matters).
+async function edit(view, strengths) {
   const source = itemById($("edit-source").value);
   const direction = currentDirection();
   if (!source || !direction) return null;
-  if (state.editRequest) state.editRequest.abort(); // only the latest position of the slider matters
+  if (state.edits[view]) state.edits[view].abort();
   const controller = new AbortController();
-  state.editRequest = controller;
+  state.edits[view] = controller;
   try {
     const result = await api("edit", { method: "POST", signal: controller.signal,
       json: { z: [source.z], direction: direction.name, strengths } });
     return { result, source, direction };
   } finally {
-    if (state.editRequest === controller) state.editRequest = null;
+    if (state.edits[view] === controller) delete state.edits[view];
   }
 }
 
@@ -542,7 +565,7 @@ function onStrength() {
 
 async function showEdit(strength) {
   try {
-    const done = await edit([strength]);
+    const done = await edit("live", [strength]);
     if (!done) return;
     const image = pixelImage(done.result.edits[0].images[0],
       `${done.source.label} edited along ${done.direction.name} at strength ${strength.toFixed(1)}`, LARGE);
@@ -558,7 +581,7 @@ async function showEdit(strength) {
 
 async function showEditStrip() {
   try {
-    const done = await busy("editing", () => edit(STRIP_STRENGTHS));
+    const done = await busy("editing", () => edit("strip", STRIP_STRENGTHS));
     if (!done) return;
     const strengths = done.result.strengths || STRIP_STRENGTHS;
     $("edit-strip-frames").replaceChildren(...done.result.edits[0].images.map((image, i) => el("li", {},

@@ -249,15 +249,24 @@ def test_the_page_says_when_editing_is_unavailable(server, page: Page):
     assert page.errors == []
 
 
-def test_a_bad_file_gets_the_servers_message_and_the_rest_still_work(server, page: Page, tmp_path):
-    bad = tmp_path / "notes.png"
-    bad.write_bytes(b"this is not an image")
+def test_dropped_files_a_bad_one_gets_the_servers_message_and_the_rest_still_work(server, page: Page, tmp_path):
     good = png_file(tmp_path / "blank.png", np.zeros((SIDE, SIDE), np.uint8))
+    files = [("notes.png", base64.b64encode(b"this is not an image").decode()),
+             ("blank.png", base64.b64encode(good.read_bytes()).decode())]
     page.goto(server.url + "/")
     page.get_by_role("textbox", name="API key").fill(KEY)
     page.get_by_role("button", name="Use key").click()
     expect(page.locator("#model-card")).to_contain_text("digits")
-    page.get_by_label("Choose images").set_input_files([bad, good])
+    # A drop as the browser delivers one (Playwright's way to drop files): a DataTransfer holding File objects.
+    dropped = page.evaluate_handle("""files => {
+        const data = new DataTransfer();
+        for (const [name, b64] of files) {
+            const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+            data.items.add(new File([bytes], name, {type: "image/png"}));
+        }
+        return data;
+    }""", files)
+    page.locator("#drop").dispatch_event("drop", {"dataTransfer": dropped})
     alerts = page.locator("#image-results > li").first.get_by_role("alert")
     expect(alerts.first).to_contain_text("(422 invalid_image)")
     assert_model_pixels(page.get_by_role("img", name="Reconstruction of blank.png"), SCALE)
