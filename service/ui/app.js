@@ -282,13 +282,14 @@ function addFiles(fileList) {
   updateItemControls();
   const note = skipped > 0 ? ` (the first ${MAX_FILES}; ${skipped} left out)` : "";
   say("images-status", `Reconstructing and scoring ${files.length} image(s)${note}…`);
+  const current = ticket("images");
   busy("images", async () => {
     let failed = 0;
     await runLimited(state.files.map((entry) => async () => {
       const [reconstructed, scored] = await Promise.allSettled([reconstruct(entry), score(entry)]);
       if (reconstructed.status === "rejected" || scored.status === "rejected") failed += 1;
     }), PARALLEL);
-    updateItemControls();
+    if (!current()) return; // newer images were chosen meanwhile: their own batch reports
     say("images-status", failed ? `${failed} of ${files.length} image(s) failed: see each image.`
       : `${files.length} image(s) reconstructed and scored.`, failed ? "error" : "info");
   });
@@ -316,6 +317,7 @@ async function reconstruct(entry) {
     if (!state.files.includes(entry)) return; // replaced by newer images meanwhile
     slot.replaceWith(tile(pixelImage(decoded.images[0], `Reconstruction of ${entry.name}`, LARGE), "reconstruction"));
     state.items.push({ id: `image-${entry.index}`, kind: "image", order: entry.index, label: `Your image ${entry.index + 1}: ${entry.name}`, z: encoded.mu[0] });
+    updateItemControls(); // an end for interpolations and edits as soon as its latent is known
   } catch (error) {
     slot.replaceWith(errorNote(error));
     throw error;
@@ -377,6 +379,7 @@ function scoreView(result, row, alpha) {
 function rescore() {
   if (!state.files.length) return;
   say("images-status", "Scoring again…");
+  const current = ticket("images");
   busy("images", async () => {
     let failed = 0;
     await runLimited(state.files.map((entry) => async () => {
@@ -386,6 +389,7 @@ function rescore() {
         failed += 1;
       }
     }), PARALLEL);
+    if (!current()) return;
     say("images-status", failed ? `${failed} of ${state.files.length} score(s) failed: see each image.`
       : `${state.files.length} image(s) scored.`, failed ? "error" : "info");
   });
