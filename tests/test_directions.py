@@ -11,8 +11,9 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from training.data import to_8bit
-from training.directions import main as directions_cli, pixel_statistics, quartiles
+from training.directions import directions_section, main as directions_cli, pixel_statistics, quartiles
 from vae_artifact import directions as contract
+from vae_artifact.directions import DirectionsSection
 from vae_artifact.errors import ArtifactError
 from vae_artifact.io import load_artifact, weights_sha256
 from vae_artifact.metadata import Metadata, read_metadata
@@ -106,6 +107,18 @@ def test_training_stores_checked_directions(digits_artifact, digits_dataset):
     mu = posterior_means(module.encode, to_8bit(digits_dataset.train.images, digits_dataset.levels))
     np.testing.assert_allclose(contract.direction(mu[train_labels == 3], mu[train_labels != 3]),
                                meta.directions.items["class:3"].vector, atol=1e-5)
+
+
+def test_unlabelled_data_gets_pixel_directions(digits_artifact, digits_dataset):
+    module, meta = load_artifact(digits_artifact)
+    train = to_8bit(digits_dataset.train.images, digits_dataset.levels)
+    test = to_8bit(digits_dataset.test.images, digits_dataset.levels)
+    unlabelled = directions_section(module.encode, (train, np.full(len(train), -1)), (test, np.full(len(test), -1)))
+    checked = DirectionsSection.from_dict(unlabelled, meta.latent_dim)
+    assert checked.names() == ["pixel:ink", "pixel:size", "pixel:slant"]
+    for name in checked.names():  # the same images and encoder as training: the stored vectors
+        np.testing.assert_allclose(checked.items[name].array, meta.directions.items[name].array, atol=1e-5)
+        assert checked.items[name].auroc == pytest.approx(meta.directions.items[name].auroc, abs=1e-3)
 
 
 def test_older_artifacts_have_no_directions():
