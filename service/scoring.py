@@ -6,9 +6,10 @@ that ask for it, and compares scores with the held-out normal scores stored in t
 the conformal p-values and the weight statistics are the contract's own (``vae_artifact``), the same code
 that computed the calibration scores at training time.
 
-Score kinds (``scoring.kinds`` in the artifact; every one in nats, higher = more anomalous): ``nll``, and
+Score kinds (``scoring.kinds`` in the artifact; every one in nats, higher = more anomalous): ``nll``,
 ``nll-minus-<compressor>`` = nll - ln 2 * compressed bits (Serrà et al. 2020), which stops simple inputs
-(MNIST digits under a Fashion-MNIST model) from looking more normal than the training data.
+(MNIST digits under a Fashion-MNIST model) from looking more normal than the training data, and
+``fisher-<compressor>`` (``vae_artifact.combination``), which also flags inputs far simpler than normal data.
 """
 
 import logging
@@ -20,6 +21,7 @@ import numpy as np
 
 from service.codecs import InvalidInput
 from vae_artifact import complexity
+from vae_artifact.combination import Combination
 from vae_artifact.calibration import Calibration, importance_stats
 from vae_artifact.metadata import Metadata
 
@@ -33,9 +35,17 @@ class UnknownScoreKind(InvalidInput):
 @dataclass(frozen=True)
 class ScoreKind:
     name: str
-    compressor: Optional[str]  # None: the NLL itself; else nll - ln 2 * compressed bits
+    compressor: Optional[str]  # None: the NLL itself; else nll - ln 2 * compressed bits, or combined with them
     calibration: Optional[Calibration]
     description: dict  # the artifact's scoring.kinds[name]
+    combination: Optional[Combination] = None  # a fisher-<compressor> kind's fitted terms
+
+    def scores(self, nll: np.ndarray, elbo: np.ndarray, bits: Optional[np.ndarray]) -> np.ndarray:
+        """This kind's scores (nats) of images with NLLs ``nll``, ELBOs ``elbo`` (nats, the same ``score`` call)
+        and this kind's compressed sizes ``bits``."""
+        if self.combination is not None:
+            return self.combination.scores(nll, elbo, bits)
+        return complexity.corrected(nll, bits)
 
 
 @dataclass(frozen=True)
@@ -49,7 +59,8 @@ class ScoreKinds:
     @classmethod
     def from_metadata(cls, metadata: Metadata) -> "ScoreKinds":
         """Kinds from ``scoring.kinds`` (older artifacts: ``nll`` only). A kind whose compressor this service
-        cannot reproduce exactly is left out with a warning: its calibration would not match its scores."""
+        cannot reproduce exactly, or whose combination it cannot read, is left out with a warning: its calibration
+        would not match its scores."""
         kinds = {}
         for name, description in metadata.scoring.kinds.items():
             spec = description.get("complexity")
@@ -57,8 +68,18 @@ class ScoreKinds:
                 log.warning("score kind %r needs compressor %r, which this service cannot reproduce; not offered",
                             name, spec)
                 continue
+            combined = None
+            if description.get("combination") is not None:
+                try:
+                    combined = Combination.from_dict(description["combination"])
+                except (ValueError, TypeError, KeyError) as exc:
+                    log.warning("score kind %r: unreadable combination (%s); not offered", name, exc)
+                    continue
+                if spec is None or combined.compressor != spec["name"]:
+                    log.warning("score kind %r: its combination's compressor is not its own; not offered", name)
+                    continue
             kinds[name] = ScoreKind(name, spec["name"] if spec else None, Calibration.from_metadata(metadata, name),
-                                    dict(description))
+                                    dict(description), combined)
         if "nll" not in kinds:
             kinds["nll"] = ScoreKind("nll", None, Calibration.from_metadata(metadata, "nll"), {"units": "nats"})
         default = metadata.scoring.default
@@ -87,14 +108,17 @@ def applies(calibration: Optional[Calibration], k: int) -> bool:
 
 
 def score_rows(outputs: Dict[str, np.ndarray], *, num_dims: int, calibration: Optional[Calibration],
-               alpha: float, tail: str, k: int, complexity_bits: Optional[np.ndarray] = None) -> List[dict]:
-    """One JSON-ready dict per image from the score kernel's outputs (made with ``k`` samples). With
-    ``complexity_bits`` (the kind's compressed sizes) the score is nll - ln 2 * bits, else the NLL;
-    ``calibration`` must be the same kind's. p_value, percentile and is_anomaly are None unless it applies."""
+               alpha: float, tail: str, k: int, complexity_bits: Optional[np.ndarray] = None,
+               kind: Optional[ScoreKind] = None) -> List[dict]:
+    """One JSON-ready dict per image from the score kernel's outputs (made with ``k`` samples). The score is
+    ``kind``'s (``ScoreKind.scores``) from the NLL and ``complexity_bits`` (the kind's compressed sizes); without
+    ``kind``, nll - ln 2 * bits, or the NLL without bits. ``calibration`` must be the same kind's. p_value,
+    percentile and is_anomaly are None unless it applies."""
     if not applies(calibration, k):
         calibration = None
     nll = -outputs["iw_ll"].astype(np.float64)
-    score = complexity.corrected(nll, complexity_bits)
+    score = (complexity.corrected(nll, complexity_bits) if kind is None
+             else kind.scores(nll, outputs["elbo"], complexity_bits))
     stats = importance_stats(outputs["log_w"])
     to_bits = 1.0 / (num_dims * math.log(2.0))
     rows: List[dict] = []

@@ -17,10 +17,14 @@ those sections of an existing artifact from the TorchScript module itself.
 A binarised (Bernoulli) model is calibrated on the same 8-bit images as any other: the service gets 8-bit
 images and the model snaps them to {0, 1} at 0.5 itself, so scores of a random Bernoulli binarisation (the
 test metrics' dynamic binarisation, ``data.held_out_splits``) are not exchangeable with served scores.
+
+A combined kind (``fisher-<compressor>``, ``vae_artifact.combination``) also needs a reference sample of
+normal images that is *not* the calibration sample: the val split, scored the same way (``CalibrationImages``).
 """
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -28,15 +32,18 @@ from torch import Tensor
 
 from training.data import Dataset, to_8bit
 from training.recipe import recorded_dataset
-from vae_artifact import complexity, noise
+from vae_artifact import combination, complexity, noise
 from vae_artifact.calibration import importance_stats
 from vae_artifact.io import load_artifact, save_artifact
 
-# The default kind and K, chosen from the measurements in docs/anomaly.md (Fashion-MNIST -> MNIST).
-DEFAULT_KIND = "nll-minus-bz2"
+# The default kind and K, chosen from the measurements in docs/anomaly.md (both protocols: Fashion-MNIST ->
+# MNIST and MNIST with one class held out).
+DEFAULT_KIND = "fisher-bz2"
 DEFAULT_K = noise.DEFAULT_K
 NOISE_SEED = 0  # the scoring noise seed recorded in the artifact; the service uses whatever it records
-KINDS: Dict[str, Optional[str]] = {"nll": None, **{f"nll-minus-{c}": c for c in complexity.COMPRESSORS}}
+# Every kind and its compressor (None: the NLL itself). nll-minus-<c>: one statistic; fisher-<c>: combined.
+KINDS: Dict[str, Optional[str]] = {"nll": None, **{f"nll-minus-{c}": c for c in complexity.COMPRESSORS},
+                                   f"{combination.PREFIX}bz2": "bz2"}
 REFERENCE = ("Serrà et al. 2020, Input complexity and out-of-distribution detection with likelihood-based "
              "generative models (ICLR)")
 MAX_ROWS = 2048  # images x K per call of score(): bounds memory for any K
@@ -44,9 +51,16 @@ MAX_ROWS = 2048  # images x K per call of score(): bounds memory for any K
 ScoreFn = Callable[[Tensor, Tensor], Tuple[Tensor, ...]]
 
 
+def is_combined(kind: str) -> bool:
+    return kind.startswith(combination.PREFIX)
+
+
 def describe_kind(kind: str) -> Dict:
-    """The artifact's ``scoring.kinds[kind]``: formula, units, and the compressor's exact parameters."""
+    """The artifact's ``scoring.kinds[kind]``: formula, units, and the compressor's exact parameters (a combined
+    kind's fitted references are added by ``calibration_sections``)."""
     compressor = KINDS[kind]
+    if is_combined(kind):
+        return combination.describe(compressor)
     if compressor is None:
         return {"formula": "-log p(x): K-sample importance-weighted bound", "units": "nats", "complexity": None}
     return {"formula": f"-log p(x) - ln(2) * L(x), L(x) = {compressor} size of x in bits", "units": "nats",
@@ -70,29 +84,71 @@ def model_scores(score: ScoreFn, images: np.ndarray, *, k: int, noise_seed: int,
     return {name: out[:, i] for i, name in enumerate(("nll", "elbo", "rec", "kl", "se", "ess"))}
 
 
-def kind_scores(nll: np.ndarray, images: np.ndarray, levels: int,
-                kinds: Sequence[str] = tuple(KINDS)) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
-    """({kind: score (N,)}, {compressor: bits (N,)}) for the images whose NLLs (nats) are ``nll``."""
+def kind_scores(nll: np.ndarray, images: np.ndarray, levels: int, kinds: Sequence[str] = tuple(KINDS), *,
+                combinations: Optional[Dict[str, combination.Combination]] = None, elbo: Optional[np.ndarray] = None,
+                ) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
+    """({kind: score (N,)}, {compressor: bits (N,)}) for the images whose NLLs (nats) are ``nll``. A combined
+    kind is scored only with its fitted ``combinations[kind]`` and the images' ``elbo`` (left out without)."""
+    combinations = combinations if elbo is not None and combinations else {}
+    kinds = [kind for kind in kinds if not is_combined(kind) or kind in combinations]
     bits = {c: complexity.compressed_bits(images, c, levels) for c in {KINDS[k] for k in kinds} - {None}}
-    scores = {kind: complexity.corrected(nll, bits.get(KINDS[kind])) for kind in kinds}
+    scores = {kind: combinations[kind].scores(nll, elbo, bits[KINDS[kind]]) if is_combined(kind)
+              else complexity.corrected(nll, bits.get(KINDS[kind])) for kind in kinds}
     return scores, bits
 
 
-def calibration_images(dataset: Dataset) -> np.ndarray:
-    """The calib split as a client sends it: uint8 (N, C, H, W), 8-bit, from the data's own levels; never
-    binarised (see the module docstring)."""
-    return to_8bit(dataset.calib.images, dataset.levels)
+def fit_combinations(outputs: Dict[str, np.ndarray], images: np.ndarray, levels: int
+                     ) -> Dict[str, combination.Combination]:
+    """Every combined kind fitted on reference images (uint8, as served) with ``model_scores`` ``outputs``."""
+    return {kind: combination.Combination.fit(KINDS[kind], outputs["nll"], outputs["elbo"],
+                                              complexity.compressed_bits(images, KINDS[kind], levels))
+            for kind in KINDS if is_combined(kind)}
 
 
-def calibration_sections(score: ScoreFn, calib_images: np.ndarray, *, k: int, noise_seed: int, latent_dim: int,
-                         levels: int, device: torch.device = torch.device("cpu")) -> Tuple[Dict, Dict]:
-    """The artifact's ``scoring`` and ``calibration`` sections from the calib split (uint8, as served)."""
-    nll = model_scores(score, calib_images, k=k, noise_seed=noise_seed, latent_dim=latent_dim, device=device)["nll"]
-    scores, _ = kind_scores(nll, calib_images, levels)
-    scoring = {"k": k, "noise_seed": noise_seed, "noise": noise.DESCRIPTION, "default": DEFAULT_KIND,
-               "kinds": {kind: describe_kind(kind) for kind in KINDS},
+def artifact_combinations(kinds: Dict[str, Dict]) -> Dict[str, combination.Combination]:
+    """The fitted combined kinds of an artifact's ``scoring.kinds``."""
+    return {kind: combination.Combination.from_dict(d["combination"]) for kind, d in kinds.items()
+            if is_combined(kind) and d.get("combination") is not None}
+
+
+@dataclass(frozen=True)
+class CalibrationImages:
+    """The held-out normal images calibration scores, as a client sends them (uint8 (N, C, H, W), 8-bit):
+    ``calib`` gives every kind's calibration scores, ``reference`` (the val split) the combined kinds'
+    reference samples. Both never trained on; never the same rows (``vae_artifact.combination``)."""
+
+    calib: np.ndarray
+    reference: np.ndarray
+
+    def __len__(self) -> int:  # images scored by ``calibration_sections``
+        return len(self.calib) + len(self.reference)
+
+
+def calibration_images(dataset: Dataset) -> CalibrationImages:
+    """The calib and val splits as a client sends them: 8-bit, from the data's own levels; never binarised (see
+    the module docstring)."""
+    return CalibrationImages(to_8bit(dataset.calib.images, dataset.levels), to_8bit(dataset.val.images, dataset.levels))
+
+
+def calibration_sections(score: ScoreFn, images: Union[CalibrationImages, np.ndarray], *, k: int, noise_seed: int,
+                         latent_dim: int, levels: int, device: torch.device = torch.device("cpu")) -> Tuple[Dict, Dict]:
+    """The artifact's ``scoring`` and ``calibration`` sections from the held-out images (uint8, as served). A
+    bare array is the calib split alone: the combined kinds, which need a reference sample, are left out."""
+    calib, reference = (images.calib, images.reference) if isinstance(images, CalibrationImages) else (images, None)
+    fit = dict(k=k, noise_seed=noise_seed, latent_dim=latent_dim, device=device)
+    combinations = {}
+    if reference is not None and len(reference):
+        combinations = fit_combinations(model_scores(score, reference, **fit), reference, levels)
+    out = model_scores(score, calib, **fit)
+    scores, _ = kind_scores(out["nll"], calib, levels, combinations=combinations, elbo=out["elbo"])
+    descriptions = {kind: describe_kind(kind) for kind in scores}
+    for kind, fitted in combinations.items():
+        descriptions[kind]["combination"] = fitted.to_dict()
+    default = DEFAULT_KIND if DEFAULT_KIND in scores else "nll-minus-bz2"
+    scoring = {"k": k, "noise_seed": noise_seed, "noise": noise.DESCRIPTION, "default": default,
+               "kinds": descriptions,
                "batch_invariant": True}  # training.export.ServingModule.score reduces over K per row
-    calibration = {"split": "calib", "n": len(calib_images), "k": k,
+    calibration = {"split": "calib", "n": len(calib), "k": k,
                    "scores": {kind: sorted(float(v) for v in s) for kind, s in scores.items()}}
     return scoring, calibration
 

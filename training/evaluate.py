@@ -191,16 +191,16 @@ def calibration_scores(vae: VAE, x: Tensor, device: torch.device, *, k: int, noi
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """``python -m training.evaluate ood ...``: the out-of-distribution evaluation of ``training.ood``."""
+    """``python -m training.evaluate ood [...]``: both out-of-distribution protocols in one table
+    (``training.ood_protocols``; one model alone: ``python -m training.ood evaluate``)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] != "ood":
-        print("usage: python -m training.evaluate ood --model M --normal SPEC (--ood SPEC | --holdout-class C)\n"
-              "       (the same as python -m training.ood evaluate ...; see python -m training.ood --help)",
+        print("usage: python -m training.evaluate ood [options]  (see python -m training.evaluate ood --help)",
               file=sys.stderr)
         return 2
-    from training import ood  # sklearn and the data loaders load only for this command
+    from training import ood_protocols  # sklearn and the data loaders load only for this command
 
-    return ood.main(["evaluate", *argv[1:]])
+    return ood_protocols.main(argv[1:])
 
 
 if __name__ == "__main__":

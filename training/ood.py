@@ -4,7 +4,8 @@ Every score kind of the artifact (``training.calibration``) and every model-free
 AUPRC, FPR at 95% TPR, and, with the artifact's own calibration, the false-positive rate at alpha on fresh
 normal images. The evaluation loads the written artifact and calls its ``score``, so it measures what is served.
 
-    python -m training.evaluate ood --model runs/fashion/vae.ts --normal idx:DATA/fashion-mnist --ood idx:DATA/mnist
+    python -m training.ood evaluate --model runs/fashion/vae.ts --normal idx:DATA/fashion-mnist --ood idx:DATA/mnist
+    python -m training.evaluate ood   # both protocols, every kind and baseline in one table (training.ood_protocols)
     python -m training.ood evaluate --model runs/mnist-no3/vae.ts --normal idx:DATA/mnist --holdout-class 3
     python -m training.ood calibrate --model M.ts   # recompute the calibration from the recorded calib split
     python -m training.ood calibrate --model OLD.ts --assume-training-defaults   # artifacts before the data recipe
@@ -22,7 +23,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from training.calibration import DEFAULT_KIND, KINDS, ScoreFn, kind_scores, model_scores, recalibrate
+from training.calibration import ScoreFn, artifact_combinations, kind_scores, model_scores, recalibrate
 from training.data import load_dataset, to_8bit
 from vae_artifact import complexity
 from vae_artifact.calibration import Calibration
@@ -56,9 +57,11 @@ def evaluate_artifact(score: ScoreFn, meta: Metadata, normal: np.ndarray, ood: n
     outs = [model_scores(score, x, k=k, noise_seed=meta.scoring.noise_seed, latent_dim=meta.latent_dim)
             for x in (normal, ood)]
     model_s = time.perf_counter() - started
-    (s_n, bits_n), (s_o, bits_o) = (kind_scores(o["nll"], x, levels) for o, x in zip(outs, (normal, ood)))
+    combinations = artifact_combinations(meta.to_dict()["scoring"]["kinds"])
+    (s_n, bits_n), (s_o, bits_o) = (kind_scores(o["nll"], x, levels, combinations=combinations, elbo=o["elbo"])
+                                    for o, x in zip(outs, (normal, ood)))
     kinds: Dict[str, Dict] = {}
-    for kind in KINDS:
+    for kind in s_n:
         row = detection_metrics(s_n[kind], s_o[kind])
         cal = Calibration.from_metadata(meta, kind)
         if cal is not None:
@@ -147,10 +150,12 @@ def cmd_sweep_k(args: argparse.Namespace) -> Dict:
     module, meta = load_artifact(args.model)
     normal, ood = _test_sets(args)
     latent_dim, levels = meta.latent_dim, meta.levels
+    combinations = artifact_combinations(meta.to_dict()["scoring"]["kinds"])
+    default = meta.scoring.default
     few = normal[: args.repeat_images]
     rows = {}
     print(f"{'K':>5s} {'NLL':>9s} {'seed sd':>8s} {'SE mean':>8s} {'ESS':>6s} {'ms/img':>7s} {'cpu ms':>7s} "
-          f"{'AUROC nll':>9s} {'AUROC ' + DEFAULT_KIND:>20s}")
+          f"{'AUROC nll':>9s} {'AUROC ' + default:>20s}")
     for k in args.ks:
         started, cpu_started = time.perf_counter(), time.process_time()  # CPU time: less at the mercy of a busy host
         out_n = model_scores(module.score, normal, k=k, noise_seed=0, latent_dim=latent_dim)
@@ -159,12 +164,14 @@ def cmd_sweep_k(args: argparse.Namespace) -> Dict:
         out_o = model_scores(module.score, ood, k=k, noise_seed=0, latent_dim=latent_dim)
         reps = np.stack([model_scores(module.score, few, k=k, noise_seed=seed, latent_dim=latent_dim)["nll"]
                          for seed in range(args.repeats)])  # (R, n)
-        s_n, s_o = kind_scores(out_n["nll"], normal, levels)[0], kind_scores(out_o["nll"], ood, levels)[0]
+        # A combined kind keeps the references fitted at the artifact's K: an AUROC only, no p-values, at other K.
+        s_n, s_o = (kind_scores(o["nll"], x, levels, combinations=combinations, elbo=o["elbo"])[0]
+                    for o, x in ((out_n, normal), (out_o, ood)))
         rows[k] = {"nll": float(reps.mean()), "seed_sd": float(reps.std(axis=0, ddof=1).mean()),
                    "se_mean": float(np.mean(out_n["se"])) if k > 1 else None, "ess": float(out_n["ess"].mean()),
                    "ms_per_image": ms, "cpu_ms_per_image": cpu_ms,
                    "auroc_nll": detection_metrics(s_n["nll"], s_o["nll"])["auroc"],
-                   "auroc_default": detection_metrics(s_n[DEFAULT_KIND], s_o[DEFAULT_KIND])["auroc"]}
+                   "auroc_default": detection_metrics(s_n[default], s_o[default])["auroc"]}
         r = rows[k]
         print(f"{k:5d} {r['nll']:9.2f} {r['seed_sd']:8.3f} {r['se_mean'] or math.nan:8.3f} {r['ess']:6.2f} "
               f"{ms:7.2f} {cpu_ms:7.2f} {r['auroc_nll']:9.4f} {r['auroc_default']:20.4f}", flush=True)

@@ -25,8 +25,10 @@ async def anomaly_score(
                                                         "Another K gets no p-values (calibrated: false).")] = None,
     alpha: Annotated[float, Query(gt=0.0, lt=1.0, description="Level: is_anomaly when p_value <= alpha.")] = 0.01,
     tail: Annotated[Literal["upper", "two-sided"], Query(description="two-sided also flags too-likely inputs.")] = "upper",
-    score: Annotated[Optional[str], Query(description="Score kind: nll, or nll-minus-<compressor> (NLL corrected by "
-                                                      "input complexity); default: the artifact's scoring.default. "
+    score: Annotated[Optional[str], Query(description="Score kind: nll, nll-minus-<compressor> (NLL corrected by "
+                                                      "input complexity), or fisher-<compressor> (that, combined "
+                                                      "with a typicality test on the compressed size); default: "
+                                                      "the artifact's scoring.default. "
                                                       "/v1/model lists the kinds (metadata.scoring.kinds).")] = None,
 ) -> JSONResponse:
     """Images -> per image: the score and its p-value / is_anomaly, NLL (nats, bits/dim) with SE and ESS, ELBO terms."""
@@ -43,7 +45,7 @@ async def anomaly_score(
         out, bits = await asyncio.gather(scored, run_in_threadpool(kinds.complexity_bits, kind, images))
     rows = await run_in_threadpool(
         scoring.score_rows, out, num_dims=state.runtime.info.num_dims, calibration=kind.calibration,
-        alpha=alpha, tail=tail, k=k, complexity_bits=bits,
+        alpha=alpha, tail=tail, k=k, complexity_bits=bits, kind=kind,
     )
     summary = scoring.calibration_summary(kind.calibration, alpha, tail, k)
     return JSONResponse({"score": kind.name, "k": k, "scores": rows, "calibration": summary})

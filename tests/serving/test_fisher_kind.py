@@ -1,0 +1,85 @@
+"""/anomaly-score?score=fisher-bz2 on the session's digits artifact: the served score equals an independent slow
+computation (float64 eager NLL, bz2 of the snapped image, the artifact's reference values counted one by one);
+its p-values on fresh normal images are uniform, noise is flagged; a malformed combination is not offered."""
+
+import bz2
+import io
+import math
+
+import numpy as np
+import pytest
+
+from service.scoring import ScoreKinds
+from test_anomaly_kinds import slow_iw_score
+from vae_artifact.io import load_artifact
+from vae_artifact.metadata import Metadata
+
+NPY = "application/x-npy"
+KIND = "fisher-bz2"
+
+
+def post(client, images, query):
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(images), allow_pickle=False)
+    response = client.post(f"/anomaly-score?{query}", content=buf.getvalue(), headers={"content-type": NPY})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def slow_fisher(nll: float, elbo: float, image: np.ndarray, levels: int, spec: dict) -> float:
+    snapped = np.round(np.round(image * ((levels - 1) / 255.0)) * (255.0 / (levels - 1))).astype(np.uint8)
+    bits = 8.0 * len(bz2.compress(snapped.tobytes(), 9))
+    stats = {"nll": nll, "iw-gap": -nll - elbo, "bits-bz2": bits, "nll-minus-bz2": nll - math.log(2.0) * bits}
+    total = 0.0
+    for term in spec["terms"]:
+        v, ref = stats[term["statistic"]], term["reference"]
+        upper = (1 + sum(1 for r in ref if r >= v)) / (len(ref) + 1)
+        lower = (1 + sum(1 for r in ref if r <= v)) / (len(ref) + 1)
+        total -= math.log({"upper": upper, "lower": lower, "two-sided": min(1.0, 2 * min(upper, lower))}[term["tail"]])
+    return total
+
+
+def test_served_score_equals_an_independent_slow_computation(client, digits_artifact, digit_images, noise_images):
+    meta = load_artifact(digits_artifact)[1]
+    spec, k = meta["scoring"]["kinds"][KIND]["combination"], meta["scoring"]["k"]
+    assert spec["reference_split"] == "val" and all(t["n"] == len(t["reference"]) > 0 for t in spec["terms"])
+    batch = np.concatenate([noise_images[:2], digit_images[20:26]])
+    rows = post(client, batch, f"score={KIND}")["scores"]
+    checked = 0
+    for row, image in zip(rows, batch):
+        slow = slow_iw_score(digits_artifact, image, k)
+        nll, elbo = slow["nll_nats"], slow["elbo_nats"]
+        assert (row["nll_nats"], row["elbo_nats"]) == (pytest.approx(nll, rel=1e-4, abs=1e-3),
+                                                       pytest.approx(elbo, rel=1e-4, abs=1e-3))
+        # The score is a step function of the NLL: compare where no reference value is within the NLL's float error.
+        near = any(abs(r - s) < 1e-2 for t in spec["terms"] for r in t["reference"]
+                   for s in (nll, -nll - elbo, nll - math.log(2.0) * row["complexity_bits"]))
+        if not near:
+            assert row["score_nats"] == pytest.approx(slow_fisher(nll, elbo, image, meta.levels, spec), rel=1e-12)
+            checked += 1
+    assert checked >= 6
+
+
+def test_p_values_are_uniform_on_fresh_normal_images_and_noise_is_flagged(client, digit_images, noise_images):
+    """The digits test split (359 images never trained on, calibrated against or used as reference): the share
+    with p <= alpha is alpha within sampling error (test and calibration sample sizes); noise: every p small."""
+    bodies = [post(client, digit_images[i:i + 64], f"score={KIND}") for i in range(0, len(digit_images), 64)]
+    n_cal = bodies[0]["calibration"]["n"]
+    p = np.array([row["p_value"] for body in bodies for row in body["scores"]])
+    for alpha in (0.1, 0.25, 0.5, 0.75):
+        exact = math.floor(alpha * (n_cal + 1)) / (n_cal + 1)
+        sd = math.sqrt(alpha * (1 - alpha) * (1 / len(p) + 1 / n_cal))
+        assert abs(np.mean(p <= alpha) - exact) < 3 * sd, (alpha, np.mean(p <= alpha))
+    noise = post(client, noise_images, f"score={KIND}&alpha=0.05")["scores"]
+    assert all(row["is_anomaly"] for row in noise)
+
+
+def test_a_malformed_combination_is_not_offered(digits_artifact):
+    document = load_artifact(digits_artifact)[1].to_dict()
+    assert KIND in ScoreKinds.from_metadata(Metadata.from_dict(document)).kinds
+    broken = document["scoring"]["kinds"][KIND]["combination"]
+    broken["terms"][0]["reference"] = "not a list"
+    kinds = ScoreKinds.from_metadata(Metadata.from_dict(document))
+    assert KIND not in kinds.kinds and "nll-minus-bz2" in kinds.kinds
+    document["scoring"]["default"] = KIND
+    assert ScoreKinds.from_metadata(Metadata.from_dict(document)).default == "nll"

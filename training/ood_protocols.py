@@ -1,0 +1,184 @@
+"""Both out-of-distribution protocols in one table: Fashion-MNIST -> MNIST, and MNIST with one class held out.
+
+``python -m training.evaluate ood`` trains (or reuses) one model per protocol through the training CLI, evaluates
+every score kind and every model-free baseline of each with ``training.ood.evaluate_artifact`` (the artifact's
+own ``score``, calibration and references: what is served), prints one table and the mean over the held-out
+classes, and writes the numbers to ``<work>/ood.json``. The default score kind is chosen from this table.
+
+    python -m training.evaluate ood --data-dir /work/shared/datasets              # converged: 20 epochs each
+    python -m training.evaluate ood --holdout-classes 1,4,7 --epochs 6 --train-limit 8000 --limit 2000  # quick
+    python -m training.evaluate ood --model fashion=runs/fashion-ood/vae.ts --model mnist-no1=runs/mnist-no1/vae.ts
+
+A protocol's model is ``<work>/<protocol>/vae.ts``; an existing one is reused (``--retrain`` trains again), and
+``--model PROTOCOL=PATH`` names one trained elsewhere. ``--train-limit N`` trains on a subset: the first N
+pool images of the source, written with its full test split to ``<work>/data/`` as an npz (quick runs only: the
+calib and val splits shrink with it).
+"""
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from training.data import load_dataset, to_8bit
+from training.ood import ALPHAS, evaluate_artifact
+from vae_artifact.io import load_artifact
+
+DATASETS = Path("/work/shared/datasets")
+METRICS = ("auroc", "auprc", "fpr_at_95_tpr", *(f"fpr_at_alpha_{a}" for a in ALPHAS))
+
+
+@dataclass(frozen=True)
+class Protocol:
+    name: str  # fashion, mnist-no<C>
+    train_data: str  # the idx: source the model is trained on
+    classes: Optional[Tuple[int, ...]]  # trained on these labels only (None: all)
+    ood_data: Optional[str]  # another source whose test split is OOD, or
+    holdout_class: Optional[int]  # the train source's test images of this class are OOD
+
+
+def protocols(data_dir: Path, holdout_classes: Sequence[int]) -> List[Protocol]:
+    mnist, fashion = f"idx:{data_dir / 'mnist'}", f"idx:{data_dir / 'fashion-mnist'}"
+    return [Protocol("fashion", fashion, None, mnist, None)] + [
+        Protocol(f"mnist-no{c}", mnist, tuple(i for i in range(10) if i != c), None, c) for c in holdout_classes]
+
+
+def subset_source(spec: str, n: int, directory: Path) -> str:
+    """An npz of the first ``n`` pool images (+ labels) of ``spec`` and its whole test split; its data spec."""
+    out = directory / f"{spec.rsplit('/', 1)[-1]}-{n}.npz"
+    if not out.exists():
+        raw = load_dataset(spec, val_fraction=0.0, calib_fraction=0.0)  # every pool image in train, in order
+        directory.mkdir(parents=True, exist_ok=True)
+        np.savez(out, x_train=raw.train.images[:n], y_train=raw.train.labels[:n], x_test=raw.test.images,
+                 y_test=raw.test.labels)
+    return f"npz:{out}"
+
+
+def train(protocol: Protocol, data: str, out: Path, args: argparse.Namespace) -> None:
+    from training.__main__ import main as train_main  # the training CLI, exactly as a user runs it
+
+    argv = ["--data", data, "--epochs", str(args.epochs), "--eval-k", str(args.k), "--score-k", str(args.k),
+            "--base-width", str(args.base_width), "--no-report", "--quiet", "--out", str(out), *args.train_args]
+    if protocol.classes is not None:
+        argv += ["--classes", ",".join(map(str, protocol.classes))]
+    print(f"[{protocol.name}] python -m training {' '.join(argv)}", flush=True)
+    train_main(argv)
+
+
+def test_sets(protocol: Protocol, data: str, limit: Optional[int]) -> Tuple[np.ndarray, np.ndarray]:
+    """(normal, OOD) 8-bit test images: the first ``limit`` of each."""
+    ds = load_dataset(data)
+    normal = to_8bit(ds.test.images, ds.levels)
+    if protocol.holdout_class is not None:
+        is_ood = ds.test.labels == protocol.holdout_class
+        normal, ood = normal[~is_ood], normal[is_ood]
+    else:
+        other = load_dataset(protocol.ood_data)
+        ood = to_8bit(other.test.images, other.levels)
+    return normal[:limit], ood[:limit]
+
+
+def run(args: argparse.Namespace) -> Dict:
+    given = dict(_model_arg(text) for text in args.model)
+    results = {}
+    for protocol in protocols(args.data_dir, args.holdout_classes):
+        data = protocol.train_data
+        if args.train_limit:
+            data = subset_source(data, args.train_limit, args.work / "data")
+        path = given.get(protocol.name, args.work / protocol.name / "vae.ts")
+        if protocol.name not in given and (args.retrain or not path.exists()):
+            train(protocol, data, path, args)
+        module, meta = load_artifact(path)
+        normal, ood = test_sets(protocol, data, args.limit)
+        started = time.perf_counter()
+        result = evaluate_artifact(module.score, meta, normal, ood)
+        result.update(model=str(path), evaluation=meta["evaluation"], training=meta.get("training"))
+        results[protocol.name] = result
+        print(f"[{protocol.name}] evaluated in {time.perf_counter() - started:.0f}s", flush=True)
+    return {"protocols": results, "heldout_mean": heldout_mean(results)}
+
+
+def heldout_mean(results: Dict[str, Dict]) -> Dict[str, Dict[str, float]]:
+    """Each kind's and baseline's metrics averaged over the held-out-class protocols."""
+    held = [r for name, r in results.items() if name.startswith("mnist-no")]
+    if not held:
+        return {}
+    rows = {**{k: [r["kinds"][k] for r in held] for k in held[0]["kinds"]},
+            **{f"{b} (no model)": [r["baselines"][b] for r in held] for b in held[0]["baselines"]},
+            **{f"{k} two-sided": [r["kinds"][k]["two_sided"] for r in held] for k in held[0]["kinds"]
+               if "two_sided" in held[0]["kinds"][k]}}
+    return {name: {m: float(np.mean([row[m] for row in rs])) for m in METRICS if m in rs[0]} for name, rs in rows.items()}
+
+
+def format_tables(summary: Dict) -> str:
+    """One table: a block of rows per protocol (every kind, its two-sided variant, every baseline) and the mean
+    over the held-out classes."""
+    head = f"{'protocol':14s} {'score':26s} " + " ".join(f"{m.replace('fpr_at_alpha_', 'FPR@'):>9s}" for m in METRICS)
+    lines = [head.replace("auroc", "AUROC").replace("auprc", "AUPRC").replace("fpr_at_95_tpr", "FPR95")]
+    blocks = [(name, _rows(r)) for name, r in summary["protocols"].items()]
+    if summary["heldout_mean"]:
+        blocks.append(("held-out mean", list(summary["heldout_mean"].items())))
+    for protocol, rows in blocks:
+        for name, m in rows:
+            lines.append(f"{protocol:14s} {name:26s} " + " ".join(f"{m[k]:9.4f}" if k in m else " " * 9 for k in METRICS))
+    return "\n".join(lines)
+
+
+def _rows(result: Dict) -> List[Tuple[str, Dict]]:
+    kinds = result["kinds"]
+    return ([(k + (" (default)" if k == result["default"] else ""), m) for k, m in kinds.items()]
+            + [(f"{k} two-sided", m["two_sided"]) for k, m in kinds.items() if "two_sided" in m]
+            + [(f"{b} (no model)", m) for b, m in result["baselines"].items()])
+
+
+def _model_arg(text: str) -> Tuple[str, Path]:
+    name, sep, path = text.partition("=")
+    if not sep or not path:
+        raise argparse.ArgumentTypeError(f"--model takes PROTOCOL=PATH, got {text!r}")
+    return name, Path(path)
+
+
+def _classes(text: str) -> List[int]:
+    classes = [int(c) for c in text.split(",") if c.strip()]
+    if not classes or not all(0 <= c <= 9 for c in classes):
+        raise argparse.ArgumentTypeError(f"expected MNIST classes 0-9, comma-separated, got {text!r}")
+    return classes
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m training.evaluate ood", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data-dir", type=Path, default=DATASETS, help="holds mnist/ and fashion-mnist/ (IDX files)")
+    p.add_argument("--holdout-classes", type=_classes, default=[1, 4, 7], help="one MNIST protocol per class")
+    p.add_argument("--work", type=Path, default=Path("runs/ood"), help="models, subsets and ood.json go here")
+    p.add_argument("--model", action="append", default=[], metavar="PROTOCOL=PATH",
+                   help="use this artifact for a protocol (fashion, mnist-no<C>) instead of training one")
+    p.add_argument("--retrain", action="store_true", help="train again even where <work>/<protocol>/vae.ts exists")
+    p.add_argument("--epochs", type=int, default=20, help="training epochs per model (early stopping may end sooner)")
+    p.add_argument("--base-width", type=int, default=32, help="the model's conv width")
+    p.add_argument("--k", type=int, default=16, help="importance samples: the served K (--score-k and --eval-k)")
+    p.add_argument("--train-limit", type=int, default=None, help="train on the first N pool images (quick runs)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate on the first N images of each test set")
+    p.add_argument("--train-args", nargs=argparse.REMAINDER, default=[], help="the rest goes to python -m training")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    summary = run(args)
+    print(format_tables(summary))
+    summary["wall_s"] = time.perf_counter() - started
+    args.work.mkdir(parents=True, exist_ok=True)
+    (args.work / "ood.json").write_text(json.dumps(summary, indent=1))
+    print(f"wall time {summary['wall_s']:.0f}s; numbers in {args.work / 'ood.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

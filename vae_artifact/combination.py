@@ -1,0 +1,145 @@
+"""Combined anomaly scores: several per-image statistics, each a p-value against normal images, in one score.
+
+A kind ``fisher-<compressor>`` asks three questions of an image, all answered by the one ``score`` call and the
+compressor, and combines the answers with Fisher's method (Fisher 1932, *Statistical Methods for Research
+Workers*, §21.1): -sum_i ln p_i. Each p_i is a conformal p-value of one statistic against a **reference** sample
+of normal images (the artifact stores the sorted reference values, the val split's, computed exactly as the
+service computes them):
+
+- ``nll-minus-<c>``, upper tail: the model explains x worse than a generic compressor does, relative to normal
+  images (Serrà et al. 2020): inputs unlike the training data that are not simpler than it;
+- ``bits-<c>``, lower tail: x is simpler than normal images (a typicality test on input complexity, after
+  Nalisnick et al. 2019), the blind spot of likelihoods: a model prefers simple inputs (a held-out MNIST "1"
+  has a lower NLL than the digits it was trained on). Only the lower tail: the upper one, inputs more complex
+  than normal, is already the first question's (the model explains noise far worse than bz2 does);
+- ``iw-gap``, upper tail: log p(x) (the K-sample bound) minus the ELBO, both from the same K samples: how much
+  the importance samples improve on the encoder's own posterior. The encoder was fitted to normal images; on
+  others its posterior is a worse fit and the gap grows. A free stand-in for likelihood regret (Xiao et al.
+  2020), which re-fits the encoder per input (tens of extra model calls per image).
+
+The combined score is one more statistic: its own conformal calibration (the calib split, the same K and
+noise) gives its p-values. The reference sample must not be the calibration sample: fitted and calibrated on
+the same rows, the scores of those rows are not exchangeable with fresh ones (each row counts itself in its own
+reference p-values) and the false-positive guarantee is lost. Training uses the val split, which neither trains
+the weights nor calibrates. Fisher's sum needs no independence between the p-values here: the combined score
+is calibrated as a whole, so dependence only changes power, never validity.
+
+Row by row and exact: a reference p-value is a count (``searchsorted``) turned into a rational, its logarithm
+is ``math.log`` of one number, and the sum has a fixed order, so a row's score does not depend on the other
+rows of its batch. Numpy only.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Dict, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from vae_artifact import complexity
+
+TAILS = ("upper", "lower", "two-sided")
+PREFIX = "fisher-"  # kind names: fisher-<compressor>
+REFERENCE = ("Fisher 1932 (combining p-values, -sum ln p); Serrà et al. 2020 (input complexity); Nalisnick et al. "
+             "2019 (typicality); Xiao et al. 2020 (likelihood regret: the encoder's fit to the input)")
+
+
+def statistics(nll: np.ndarray, elbo: np.ndarray, bits: Optional[np.ndarray],
+               compressor: Optional[str]) -> Dict[str, np.ndarray]:
+    """The per-image statistics a term may test, float64 (N,), from the NLL and ELBO (nats) of one ``score``
+    call: ``nll``, ``iw-gap`` = -nll - elbo (nats, >= 0), and with a compressor's ``bits`` also ``bits-<c>``
+    (bits) and ``nll-minus-<c>`` (nats, the complexity-corrected NLL)."""
+    nll, elbo = np.asarray(nll, dtype=np.float64), np.asarray(elbo, dtype=np.float64)
+    stats = {"nll": nll, "iw-gap": -nll - elbo}
+    if bits is not None:
+        bits = np.asarray(bits, dtype=np.float64)
+        stats[f"bits-{compressor}"] = bits
+        stats[f"nll-minus-{compressor}"] = complexity.corrected(nll, bits)
+    return stats
+
+
+def recipe(compressor: str) -> Tuple[Tuple[str, str], ...]:
+    """The (statistic, tail) terms of kind ``fisher-<compressor>`` (the module docstring says why)."""
+    return ((f"nll-minus-{compressor}", "upper"), (f"bits-{compressor}", "lower"), ("iw-gap", "upper"))
+
+
+def reference_p_values(reference: np.ndarray, values: np.ndarray, tail: str) -> np.ndarray:
+    """(1 + #{r >= v}) / (m + 1) (upper), (1 + #{r <= v}) / (m + 1) (lower), or min(1, 2 min(upper, lower))
+    for each value against the sorted ``reference`` of m normal values."""
+    if tail not in TAILS:
+        raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
+    m = len(reference)
+    upper = (1.0 + m - np.searchsorted(reference, values, side="left")) / (m + 1.0)
+    if tail == "upper":
+        return upper
+    lower = (1.0 + np.searchsorted(reference, values, side="right")) / (m + 1.0)
+    return lower if tail == "lower" else np.minimum(1.0, 2.0 * np.minimum(upper, lower))
+
+
+@dataclass(frozen=True)
+class Term:
+    statistic: str
+    tail: str
+    reference: np.ndarray  # sorted ascending, the statistic's values on the reference (val) split
+
+    def __post_init__(self) -> None:
+        if self.tail not in TAILS:
+            raise ValueError(f"tail must be one of {TAILS}, got {self.tail!r}")
+        if self.reference.ndim != 1 or len(self.reference) < 1 or not np.isfinite(self.reference).all():
+            raise ValueError(f"term {self.statistic!r}: the reference must be a non-empty list of finite numbers")
+
+
+@dataclass(frozen=True)
+class Combination:
+    """The score of a ``fisher-<compressor>`` kind: -sum ln p_i over its terms' reference p-values (nats)."""
+
+    compressor: str
+    terms: Tuple[Term, ...]
+
+    @classmethod
+    def fit(cls, compressor: str, nll: np.ndarray, elbo: np.ndarray, bits: np.ndarray) -> "Combination":
+        """The kind's terms with their references: ``nll``, ``elbo`` and ``bits`` of the reference (val) images."""
+        stats = statistics(nll, elbo, bits, compressor)
+        return cls(compressor, tuple(Term(name, tail, np.sort(stats[name])) for name, tail in recipe(compressor)))
+
+    @classmethod
+    def from_dict(cls, spec: Mapping) -> "Combination":
+        """From an artifact's ``scoring.kinds[kind]["combination"]``; ValueError saying what is wrong."""
+        if not isinstance(spec, Mapping) or spec.get("method") != "fisher":
+            raise ValueError(f"expected a combination with method 'fisher', got {spec!r:.200}")
+        compressor = spec.get("compressor")
+        if compressor not in complexity.COMPRESSORS:
+            raise ValueError(f"unknown compressor {compressor!r}; known: {list(complexity.COMPRESSORS)}")
+        terms = []
+        for term in spec.get("terms") or ():
+            reference = np.asarray(term["reference"], dtype=np.float64)
+            terms.append(Term(str(term["statistic"]), str(term["tail"]), np.sort(reference)))
+        known = set(statistics(np.zeros(1), np.zeros(1), np.zeros(1), compressor))
+        if not terms or any(t.statistic not in known for t in terms):
+            raise ValueError(f"combination terms must be some of {sorted(known)}, got "
+                             f"{[t.statistic for t in terms]}")
+        return cls(compressor, tuple(terms))
+
+    def to_dict(self) -> Dict:
+        return {"method": "fisher", "compressor": self.compressor, "reference_split": "val",
+                "terms": [{"statistic": t.statistic, "tail": t.tail, "n": len(t.reference),
+                           "reference": [float(v) for v in t.reference]} for t in self.terms]}
+
+    def term_p_values(self, nll: np.ndarray, elbo: np.ndarray, bits: np.ndarray) -> np.ndarray:
+        """(N, terms) reference p-values of each image's statistics."""
+        stats = statistics(nll, elbo, bits, self.compressor)
+        return np.stack([reference_p_values(t.reference, stats[t.statistic], t.tail) for t in self.terms], axis=1)
+
+    def scores(self, nll: np.ndarray, elbo: np.ndarray, bits: np.ndarray) -> np.ndarray:
+        """-sum_i ln p_i per image (nats), float64 (N,); each row on its own (see the module docstring)."""
+        p = self.term_p_values(nll, elbo, bits)
+        return np.array([-math.fsum(math.log(v) for v in row) for row in p.tolist()], dtype=np.float64)
+
+
+def describe(compressor: str) -> Dict:
+    """The artifact's ``scoring.kinds[fisher-<c>]`` without its fitted combination."""
+    terms = " + ".join(f"{name} ({tail})" for name, tail in recipe(compressor))
+    return {"formula": f"-sum ln p_i over reference p-values of {terms}; Fisher's method", "units": "nats",
+            "complexity": complexity.describe(compressor), "reference": REFERENCE}
+
+
+__all__: Sequence[str] = ("Combination", "PREFIX", "Term", "describe", "recipe", "reference_p_values", "statistics")
