@@ -117,10 +117,10 @@ def _grid_figure(groups: List[Tensor], labels: List[str], title: str):
 
 @torch.inference_mode()
 def _edits(vae: VAE, x: Tensor, items: List[Dict[str, Any]], title: str):
-    """Attribute edits: per direction (two pixel ones, two class ones), rows = inputs, columns = strengths,
-    each image decoded from z' = mu + strength * vector."""
-    pixel = [d for d in items if d["kind"] == "pixel"][:2]
-    chosen = pixel + [d for d in items if d not in pixel][: 4 - len(pixel)]
+    """Attribute edits: per direction (the two pixel ones with the best held-out AUROC, then the first others),
+    rows = inputs, columns = strengths, each image decoded from z' = mu + strength * vector."""
+    pixel = sorted((d for d in items if d["kind"] == "pixel"), key=lambda d: -(d.get("auroc") or 0.0))[:2]
+    chosen = [d for d in items if d in pixel] + [d for d in items if d not in pixel][: 4 - len(pixel)]
     mu = vae.encode(x)[0]
     strengths = torch.tensor(EDIT_STRENGTHS)
     fig = _figure(2.6 * len(chosen), 2.6 * len(x) / len(strengths) + 0.9)
@@ -132,7 +132,7 @@ def _edits(vae: VAE, x: Tensor, items: List[Dict[str, Any]], title: str):
         auroc = direction.get("auroc")
         ax.set_title(f"{direction['name']} (AUROC {auroc:.2f})" if auroc is not None else direction["name"],
                      fontsize=9)
-        ax.set_xlabel("strength " + " ".join(f"{s:+g}" for s in EDIT_STRENGTHS), fontsize=8)
+        ax.set_xlabel("strength " + "  ".join(f"{s:+g}" for s in EDIT_STRENGTHS), fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(f"z' = mu + strength * v{': ' + title if title else ''}", fontsize=9)
