@@ -250,7 +250,7 @@ async def _score(state: ServiceState, arrays: Dict[str, np.ndarray], params: Sco
         out, bits = await asyncio.gather(scored, run_in_threadpool(kinds.complexity_bits, kind, images))
     rows = await run_in_threadpool(
         scoring.score_rows, out, num_dims=state.runtime.info.num_dims, calibration=kind.calibration,
-        alpha=params.alpha, tail=params.tail, k=params.k, complexity_bits=bits,
+        alpha=params.alpha, tail=params.tail, k=params.k, complexity_bits=bits, kind=kind,
     )
     fields = dict(SCORE_FIELDS)
     summary = scoring.calibration_summary(kind.calibration, params.alpha, params.tail, params.k)
