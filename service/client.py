@@ -4,6 +4,7 @@
         vae.wait_until_ready(60)
         mu = vae.encode(images).mu  # a PIL image, encoded bytes, a list of either, or a uint8 numpy batch
         frames = vae.interpolate(image_a, image_b, steps=8)
+        edits = vae.edit(images, direction="class:3", strengths=[0, 1, 2])  # z' = mu + strength * v
 
 Each method is written once, as a generator of steps (a ``_Call`` to send, or seconds to sleep) that builds
 the request and parses the answer; the two classes differ only in ``_drive``, which performs the steps with
