@@ -151,3 +151,41 @@ def test_readme_states_the_real_calibration_size_of_the_default_data():
     n = len(load_dataset("digits", seed=0).calib)
     assert f"only **{n}** for the default sklearn digits" in section and f"1/{n + 1}" in section
     assert "≥ 1000" not in section
+
+
+def write_idx(directory: Path, prefix: str, images: np.ndarray, labels: np.ndarray) -> None:
+    """The IDX format MNIST ships in: 2 zero bytes, dtype 0x08, the number of dims, big-endian dims, the bytes."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, array in ((f"{prefix}-images-idx3-ubyte", images), (f"{prefix}-labels-idx1-ubyte", labels)):
+        header = bytes([0, 0, 8, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
+        (directory / name).write_bytes(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+
+
+def test_both_protocols_in_one_table(digits_artifact, tmp_path, capsys):
+    """``python -m training.evaluate ood`` with a model given for each protocol (no training): IDX sources shaped
+    like MNIST and Fashion-MNIST (here 8x8 digits), every kind and baseline per protocol, the held-out mean."""
+    from training import evaluate
+
+    digits = load_dataset("digits", seed=0)
+    images = to_8bit(np.concatenate([digits.train.images, digits.val.images, digits.test.images]), digits.levels)
+    labels = np.concatenate([digits.train.labels, digits.val.labels, digits.test.labels])
+    for name, lo in (("mnist", 0), ("fashion-mnist", 5)):  # "fashion" = digits 5-9, "mnist" = all digits
+        keep = labels >= lo
+        write_idx(tmp_path / "data" / name, "train", images[keep][:600, 0], labels[keep][:600])
+        write_idx(tmp_path / "data" / name, "t10k", images[keep][600:, 0], labels[keep][600:])
+    argv = ["ood", "--data-dir", str(tmp_path / "data"), "--holdout-classes", "1,3", "--work", str(tmp_path / "w"),
+            "--limit", "150"] + [f"--model={p}={digits_artifact}" for p in ("fashion", "mnist-no1", "mnist-no3")]
+    assert evaluate.main(argv) == 0
+    summary = json.loads((tmp_path / "w" / "ood.json").read_text())
+    assert list(summary["protocols"]) == ["fashion", "mnist-no1", "mnist-no3"]
+    for result in summary["protocols"].values():
+        assert set(result["kinds"]) == set(calibration.KINDS) and result["default"] == calibration.DEFAULT_KIND
+        assert set(result["baselines"]) == {f"size-{c}" for c in complexity.COMPRESSORS}
+        assert 0 < result["n_normal"] <= 150 and 0 < result["n_ood"] <= 150
+        assert all(0 <= m["fpr_at_alpha_0.05"] <= 1 for m in result["kinds"].values())
+    no1, no3 = summary["protocols"]["mnist-no1"]["kinds"], summary["protocols"]["mnist-no3"]["kinds"]
+    mean = summary["heldout_mean"][calibration.DEFAULT_KIND]
+    assert mean["auroc"] == pytest.approx((no1[calibration.DEFAULT_KIND]["auroc"] + no3[calibration.DEFAULT_KIND]["auroc"]) / 2)
+    printed = capsys.readouterr().out
+    assert f"{calibration.DEFAULT_KIND} (default)" in printed and "held-out mean" in printed and "size-bz2 (no model)" in printed
+    assert evaluate.main(["train"]) == 2  # only the ood command

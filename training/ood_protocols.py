@@ -118,8 +118,9 @@ def heldout_mean(results: Dict[str, Dict]) -> Dict[str, Dict[str, float]]:
 def format_tables(summary: Dict) -> str:
     """One table: a block of rows per protocol (every kind, its two-sided variant, every baseline) and the mean
     over the held-out classes."""
-    head = f"{'protocol':14s} {'score':26s} " + " ".join(f"{m.replace('fpr_at_alpha_', 'FPR@'):>9s}" for m in METRICS)
-    lines = [head.replace("auroc", "AUROC").replace("auprc", "AUPRC").replace("fpr_at_95_tpr", "FPR95")]
+    labels = {"auroc": "AUROC", "auprc": "AUPRC", "fpr_at_95_tpr": "FPR95"}
+    lines = [f"{'protocol':14s} {'score':26s} "
+             + " ".join(f"{labels.get(m, m.replace('fpr_at_alpha_', 'FPR@')):>9s}" for m in METRICS)]
     blocks = [(name, _rows(r)) for name, r in summary["protocols"].items()]
     if summary["heldout_mean"]:
         blocks.append(("held-out mean", list(summary["heldout_mean"].items())))
