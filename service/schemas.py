@@ -84,7 +84,8 @@ class AnomalyRow(BaseModel):
     score_nats: float = Field(description="The requested score kind (higher = stranger); p_value, percentile and "
                                           "is_anomaly are about this number.")
     complexity_bits: Optional[float] = Field(description="Compressed size of the input in bits, for the "
-                                                         "nll-minus-<compressor> kinds (score = nll - ln 2 * this).")
+                                                         "nll-minus-<compressor> kinds (score = nll - ln 2 * this) "
+                                                         "and the fisher-<compressor> kinds (one of their terms).")
     nll_nats: float = Field(description="Importance-weighted negative log-likelihood (the 'nll' score kind).")
     nll_bits_per_dim: float
     nll_se_nats: Optional[float] = Field(description="Monte Carlo standard error of nll_nats (delta method).")
