@@ -1,4 +1,9 @@
-"""Latent-space geometry for /sample, /encode?sample=true and /interpolate (numpy, seeded)."""
+"""Latent-space geometry for /sample, /encode?sample=true and /interpolate (numpy, seeded).
+
+Samples of a mixture prior (the VampPrior) take two steps: ``mixture_noise`` draws each sample's noise and
+component from the seed here, and the artifact's ``sample_prior`` maps them to z (the runtime's ``prior``
+kernel), so the same seed gives the same z with any prior, and the prior's math stays in the artifact.
+"""
 
 import numpy as np
 
@@ -8,6 +13,21 @@ METHODS = ("linear", "slerp")
 def prior_sample(n: int, dim: int, seed: int, temperature: float = 1.0) -> np.ndarray:
     """z ~ N(0, temperature^2 I), (n, dim) float32; depends only on (n, dim, seed, temperature)."""
     return (temperature * np.random.default_rng(seed).standard_normal((n, dim))).astype(np.float32)
+
+
+def mixture_noise(n: int, dim: int, components: int, seed: int, temperature: float = 1.0) -> np.ndarray:
+    """Rows for the artifact's ``sample_prior``: (n, dim + 1) float32, each eps * temperature (dim) and then
+    a component index drawn uniformly from [0, components). eps is ``prior_sample``'s draw for the same seed.
+
+    Temperature, for a mixture: it scales every component's standard deviation (z = mu_k + T sigma_k eps),
+    not the spread of the component means; T = 1 samples the prior itself.
+    """
+    if not 1 <= components <= 2**24:  # indices travel as float32, exact up to 2**24
+        raise ValueError(f"components must be in [1, 2**24], got {components}")
+    rng = np.random.default_rng(seed)
+    eps = temperature * rng.standard_normal((n, dim))
+    component = rng.integers(0, components, size=(n, 1))
+    return np.concatenate([eps, component], axis=1).astype(np.float32)
 
 
 def posterior_sample(mu: np.ndarray, logvar: np.ndarray, seed: int) -> np.ndarray:

@@ -22,7 +22,7 @@ from service.devices import pin_cpu_numerics, resolve_device
 from vae_artifact import noise
 from vae_artifact.errors import ArtifactError
 from vae_artifact.io import file_sha256, load_artifact
-from vae_artifact.metadata import KERNELS, Metadata
+from vae_artifact.metadata import KERNELS as METHOD_KERNELS, PRIOR_METHODS, Metadata
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,9 @@ Call = Callable[[torch.Tensor], Tuple[torch.Tensor, ...]]  # a model method on o
 # decodes (28x28 model, K=16, one thread, measured: 125 rows/s at 1 row per call, 140 at 2, 110 at 4 and 8),
 # so small calls keep rows from waiting on each other; on a GPU one call should fill the device.
 SCORE_DECODES = {"cpu": 32, "cuda": 4096}
+# The artifact's methods as kernels, and ``prior``: z from the caller's noise and mixture components through
+# the artifact's ``sample_prior`` (artifacts whose prior is not N(0, I); /sample draws N(0, I) itself).
+KERNELS = (*METHOD_KERNELS, "prior")
 
 __all__ = ["ArtifactError", "KERNELS", "ModelInfo", "ModelRuntime", "SCORE_DECODES"]
 
@@ -85,6 +88,8 @@ class ModelRuntime:
         self.device = resolve_device(device)
         self.module, self.metadata = load_artifact(Path(path), self.device, expected_sha256=expected_sha256)
         meta: Metadata = self.metadata
+        if not meta.prior.is_standard and not all(hasattr(self.module, name) for name in PRIOR_METHODS):
+            raise ArtifactError(f"{path}: the {meta.prior.name} prior needs the artifact's {list(PRIOR_METHODS)}")
         self.info = ModelInfo(
             channels=meta.image.channels, height=meta.image.height, width=meta.image.width,
             latent_dim=meta.latent_dim, num_dims=meta.image.num_dims, score_k=meta.scoring.k,
@@ -108,6 +113,8 @@ class ModelRuntime:
             return self.score(rows, int(params or self.info.score_k))
         if kernel in ("encode", "decode"):
             return self.encode(rows) if kernel == "encode" else self.decode(rows)
+        if kernel == "prior":
+            return self.sample_prior(rows)
         raise ValueError(f"unknown kernel {kernel!r}; known: {list(KERNELS)}")
 
     @torch.inference_mode()
@@ -120,6 +127,16 @@ class ModelRuntime:
         """float32 (N, D) -> pixel means (N, C, H, W) float32 in [0, 1]."""
         return self._calls(lambda t: (self.module.decode(t),), z, ("pixels",), self.call_sizes,
                            self.exact_from["decode"])
+
+    @torch.inference_mode()
+    def sample_prior(self, rows: np.ndarray) -> Dict[str, np.ndarray]:
+        """float32 (N, D + 1), each row eps (D) then its mixture component's index -> z (N, D) float32, by the
+        artifact's ``sample_prior``: a gather and a multiply-add per row, so every call size gives a row the
+        same bits (zero padding is component 0 with eps 0)."""
+        def call(t: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+            return (self.module.sample_prior(t[:, :-1].contiguous(), t[:, -1].long()),)
+
+        return self._calls(call, rows, ("z",), self.call_sizes, self.exact_from["prior"])
 
     @torch.inference_mode()
     def score(self, images: np.ndarray, k: int) -> Dict[str, np.ndarray]:
@@ -160,6 +177,9 @@ class ModelRuntime:
                 self.decode(np.zeros((b, d), np.float32))
             for b in self.score_sizes(k):
                 self.score(np.zeros((b, c, h, w), np.uint8), k)
+            if not self.metadata.prior.is_standard:
+                for b in self.call_sizes:
+                    self.sample_prior(np.zeros((b, d + 1), np.float32))
         return time.perf_counter() - started
 
     def _probe_exact_sizes(self, k: int) -> None:
@@ -189,6 +209,10 @@ class ModelRuntime:
             "decode": (lambda n: self.decode(latents[:n]), self.call_sizes),
             "score": (score_in_calls_of, score_sizes),
         }
+        if not self.metadata.prior.is_standard:
+            component = rng.integers(0, self.metadata.prior.components, size=(top, 1))
+            mixture = np.concatenate([latents, component], axis=1).astype(np.float32)
+            calls["prior"] = (lambda n: self.sample_prior(mixture[:n]), self.call_sizes)
         for kernel, (run, sizes) in calls.items():
             self.exact_from[kernel] = 1  # every probe at its own call size
             reference = run(sizes[-1])

@@ -57,7 +57,12 @@ async def sample(request: Request, call: Model) -> Response:
     if body.n > state.settings.max_n:
         raise RequestTooLarge(f"n={body.n} is over the limit of {state.settings.max_n}")
     seed = secrets.randbits(63) if body.seed is None else body.seed
-    z = latent.prior_sample(body.n, state.runtime.info.latent_dim, seed, body.temperature)
+    prior, dim = state.runtime.metadata.prior, state.runtime.info.latent_dim
+    if prior.is_standard:
+        z = latent.prior_sample(body.n, dim, seed, body.temperature)
+    else:  # a mixture: noise and components from the seed here, z from the artifact's own sampler
+        rows = latent.mixture_noise(body.n, dim, prior.components, seed, body.temperature)
+        z = (await state.batcher.submit("prior", rows, deadline=deadline, abandoned=client_gone(request)))["z"]
     out = await state.batcher.submit("decode", z, deadline=deadline, abandoned=client_gone(request))
     return await images_response(request, out["pixels"], z, seed=seed)
 
