@@ -6,6 +6,12 @@ either a Bernoulli (binarised data) or a logistic discretised into the data's pi
 fewer), so every likelihood the model reports is a true discrete NLL. The encoder halves the image with
 strided convolutions while the side stays even and at least 8 (28 -> 14 -> 7, 32 -> ... -> 4, 8 -> 4);
 the decoder mirrors it with transposed convolutions, so any such shape round-trips exactly.
+
+Two layouts (``VAEConfig.arch``). ``full``: a 3x3 convolution at full resolution before the first stride-2
+step and after the last transposed one (the only layout before there was a choice, so configs without
+``arch`` mean it). ``lean``: the stride-2 convolution reads the image itself and the last transposed
+convolution writes p(x|z)'s parameters, so no layer runs at full resolution with ``base_width`` channels:
+those two layers held most of the activations (and of the time) of a 28x28 model.
 """
 
 from dataclasses import dataclass
@@ -17,6 +23,7 @@ from torch import Tensor, nn
 from training import objectives, priors
 
 LIKELIHOODS = ("logistic", "bernoulli")
+ARCHS = ("full", "lean")
 
 
 @dataclass
@@ -31,6 +38,7 @@ class VAEConfig:
     levels: int = 256  # pixel levels the discretised logistic spreads its mass over (17 for sklearn digits)
     prior: str = "standard"  # "standard" (N(0, I)) or "vamp" (Tomczak & Welling 2018)
     pseudo_inputs: int = 0  # the VampPrior's mixture components; 0 with the standard prior
+    arch: str = "full"  # "full" or "lean" (module docstring); "full" is what configs from before the choice mean
 
     def __post_init__(self) -> None:
         if self.channels not in (1, 3):
@@ -46,6 +54,10 @@ class VAEConfig:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}")
         if not 2 <= self.levels <= 65536:
             raise ValueError(f"levels must be in [2, 65536], got {self.levels}")
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+        if self.arch == "lean" and not downsampling_plan(self.height, self.width):
+            raise ValueError(f"the lean layout needs a stride-2 step (sides even and >= 8), got {self.height}x{self.width}")
         if self.prior not in priors.PRIORS:
             raise ValueError(f"prior must be one of {priors.PRIORS}, got {self.prior!r}")
         if (self.prior == "vamp") != (self.pseudo_inputs >= 1) or self.pseudo_inputs < 0:
@@ -66,12 +78,24 @@ def downsampling_plan(height: int, width: int) -> List[Tuple[int, int]]:
     return sizes
 
 
+def layer_widths(config: VAEConfig) -> List[int]:
+    """Channels at each resolution the conv stack visits, full resolution first. ``full``: base_width at full
+    resolution, doubling with each stride-2 step; ``lean``: no full-resolution layer, base_width after the
+    first step. Capped at 4 x base_width either way."""
+    n = len(downsampling_plan(config.height, config.width)) + (1 if config.arch == "full" else 0)
+    return [min(config.base_width * 2**i, 4 * config.base_width) for i in range(n)]
+
+
 class Encoder(nn.Module):
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
         steps = downsampling_plan(config.height, config.width)
-        widths = [min(config.base_width * 2**i, 4 * config.base_width) for i in range(len(steps) + 1)]
-        layers: List[nn.Module] = [nn.Conv2d(config.channels, widths[0], 3, padding=1), nn.SiLU()]
+        widths = layer_widths(config)
+        layers: List[nn.Module] = []
+        if config.arch == "full":  # a 3x3 stem at full resolution
+            layers += [nn.Conv2d(config.channels, widths[0], 3, padding=1), nn.SiLU()]
+        else:  # the first stride-2 convolution reads the image
+            widths = [config.channels] + widths
         for c_in, c_out in zip(widths[:-1], widths[1:]):
             layers += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), nn.SiLU()]
         self.conv = nn.Sequential(*layers)
@@ -93,7 +117,10 @@ class Decoder(nn.Module):
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
         steps = downsampling_plan(config.height, config.width)
-        widths = [min(config.base_width * 2**i, 4 * config.base_width) for i in range(len(steps) + 1)]
+        widths = layer_widths(config)
+        params_per_pixel = 1 if config.likelihood == "bernoulli" else 2
+        if config.arch == "lean":  # the last transposed convolution writes p(x|z)'s parameters
+            widths = [params_per_pixel * config.channels] + widths
         h, w = steps[-1] if steps else (config.height, config.width)
         self.start_shape = (widths[-1], h, w)
         self.fc = nn.Sequential(
@@ -105,8 +132,10 @@ class Decoder(nn.Module):
         layers: List[nn.Module] = []
         for c_in, c_out in zip(widths[:0:-1], widths[-2::-1]):
             layers += [nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1), nn.SiLU()]
-        params_per_pixel = 1 if config.likelihood == "bernoulli" else 2
-        layers.append(nn.Conv2d(widths[0], params_per_pixel * config.channels, 3, padding=1))
+        if config.arch == "full":  # a 3x3 head at full resolution
+            layers.append(nn.Conv2d(widths[0], params_per_pixel * config.channels, 3, padding=1))
+        else:
+            layers.pop()  # no activation after the layer that writes the parameters
         self.conv = nn.Sequential(*layers)
 
     def forward(self, z: Tensor) -> Tensor:

@@ -47,6 +47,7 @@ class TrainConfig:
     seed: int = 0
     binarize: bool = False  # dynamic binarisation: a fresh Bernoulli draw of every training batch
     amp: bool = True  # bf16 (or fp16 + GradScaler) autocast; only ever used on CUDA
+    compile: bool = False  # torch.compile the training model (measured on CPU: ~1.1x images/s after a compile)
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -63,6 +64,7 @@ class TrainResult:
     best_val_elbo: float = float("-inf")
     epochs_run: int = 0
     wall_time_s: float = 0.0  # training time over all epochs in the history, resumed runs included
+    images_per_s: float = 0.0  # training images per second (all ranks), mean over this run's epochs
 
 
 def kl_weight(epoch: float, warmup_epochs: float, beta: float) -> float:
@@ -114,7 +116,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     "kl_weight" and "images_per_s" (loss is the weighted objective, elbo = rec - kl with the true KL: closed
     form under N(0, I), the one-sample estimate under the VampPrior)."""
     model.train()
-    latent_dim = unwrap(model).config.latent_dim
+    latent_dim = unwrap(getattr(model, "_orig_mod", model)).config.latent_dim  # under DDP and/or torch.compile
     steps = len(loader)
     sums = {"loss": 0.0, "rec": 0.0, "kl": 0.0, "elbo": 0.0}
     n, weight = 0, 0.0
@@ -202,7 +204,10 @@ def train(vae: VAE, train_split: Split, val_split: Split, levels: int, config: T
     """
     device = ctx.device
     vae.to(device)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    # The fused kernel updates every tensor in one pass; on CPU the per-tensor loop was a quarter of a lean
+    # 28x28 model's step (profiled). CUDA keeps the default (foreach), which AMP's GradScaler is tested with.
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                  fused=device.type == "cpu" or None)
     dtype = amp_dtype(device, config.amp)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None  # bf16 needs no scaling
     result = TrainResult()
@@ -218,9 +223,11 @@ def train(vae: VAE, train_split: Split, val_split: Split, levels: int, config: T
                  best["epoch"])
     model = DistributedDataParallel(vae, device_ids=[device.index] if device.type == "cuda" else None) \
         if ctx.enabled else vae
+    if config.compile:  # wraps the training path only: checkpoints, validation and export use ``vae`` itself
+        model = torch.compile(model)
     loader, sampler = make_train_loader(train_split, levels, config.batch_size, config.seed, ctx)
     progress = ctx.is_main and (sys.stderr.isatty() if progress is None else progress)
-    epoch = start_epoch
+    epoch, rates = start_epoch, []
     for epoch in range(start_epoch, config.epochs):
         if config.patience and epoch - best["epoch"] >= config.patience:
             log.info("early stop: no better validation ELBO since epoch %d", best["epoch"])
@@ -232,8 +239,8 @@ def train(vae: VAE, train_split: Split, val_split: Split, levels: int, config: T
                                   autocast_dtype=dtype, progress=progress)
         train_m = _global_means(train_m, ctx)
         val_m = validate(vae, val_split, val_levels or levels, device, ctx, max(config.batch_size, 256))
+        rates.append(train_m["images_per_s"])  # a timing, like time_s: kept out of the (reproducible) history
         row = {"epoch": epoch + 1, "kl_weight": train_m["kl_weight"], "time_s": time.perf_counter() - t0,
-               "images_per_s": train_m["images_per_s"],
                **{f"train_{k}": train_m[k] for k in ("loss", "rec", "kl", "elbo")},
                **{f"val_{k}": val_m[k] for k in ("loss", "rec", "kl", "elbo")}}
         result.history.append(row)
@@ -243,7 +250,7 @@ def train(vae: VAE, train_split: Split, val_split: Split, levels: int, config: T
                     "model": {k: v.detach().cpu().clone() for k, v in vae.state_dict().items()}}
         log.info("epoch %d/%d  train loss %.3f (rec %.3f, kl %.3f, w %.2f)  val ELBO %.3f%s  %.1fs (%.0f images/s)",
                  epoch + 1, config.epochs, row["train_loss"], row["train_rec"], row["train_kl"], row["kl_weight"],
-                 row["val_elbo"], " *" if improved else "", row["time_s"], row["images_per_s"])
+                 row["val_elbo"], " *" if improved else "", row["time_s"], rates[-1])
         if ctx.is_main and checkpoint_path is not None:
             save_checkpoint(checkpoint_path, vae, optimizer, scaler, config, epoch + 1, best, result.history)
     else:
@@ -253,6 +260,7 @@ def train(vae: VAE, train_split: Split, val_split: Split, levels: int, config: T
     result.best_epoch, result.best_val_elbo = best["epoch"], best["val_elbo"]
     result.epochs_run = epoch
     result.wall_time_s = sum(row["time_s"] for row in result.history)
+    result.images_per_s = sum(rates) / len(rates) if rates else 0.0
     return result
 
 
