@@ -199,3 +199,18 @@ def test_evaluation_on_a_random_subset_records_its_size_and_standard_error(digit
     again = evaluate.test_metrics(vae, x, torch.device("cpu"), k=4, seed=5, n=50)
     assert again["iw_nll_nats"] == some["iw_nll_nats"]
     assert abs(some["iw_nll_nats"] - whole["iw_nll_nats"]) < 5 * some["iw_nll_se"]
+
+
+def test_eager_prior_samples_match_the_artifacts_sampler():
+    """What the report's samples.png draws: the same mixture the artifact's sample_prior maps noise through."""
+    standard = small_vae("standard")
+    assert torch.equal(standard.sample_latents(6, torch.Generator().manual_seed(4)),
+                       torch.randn(6, 4, generator=torch.Generator().manual_seed(4)))
+    vamp = small_vae("vamp").eval()
+    with torch.no_grad():
+        z = vamp.sample_latents(6, torch.Generator().manual_seed(4))
+        gen = torch.Generator().manual_seed(4)
+        eps = torch.randn(6, 4, generator=gen)
+        component = torch.randint(0, 7, (6,), generator=gen)
+        expected = export.ServingModule(vamp).sample_prior(eps, component)
+    assert torch.allclose(z, expected, atol=1e-6)

@@ -227,6 +227,16 @@ class VAE(nn.Module):
             return priors.mixture_log_prob(z, mu_k, logvar_k)
         return objectives.log_standard_normal(z)
 
+    def sample_latents(self, n: int, generator: torch.Generator) -> Tensor:
+        """n draws from the prior p(z), (n, D) on the generator's device: eps, or a uniform component's
+        mu_k + sigma_k * eps under the VampPrior (eager only; the artifact's ``sample_prior`` serves)."""
+        eps = torch.randn(n, self.config.latent_dim, generator=generator, device=generator.device)
+        if self.vamp is None:
+            return eps
+        component = torch.randint(0, self.config.pseudo_inputs, (n,), generator=generator, device=generator.device)
+        mu_k, logvar_k = self.prior_components()
+        return mu_k[component] + torch.exp(0.5 * logvar_k[component]) * eps
+
     def importance_samples(self, x: Tensor, eps: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """z (K, B, D) = mu + sigma * eps for noise eps (K, B, D), and log p(x|z_k) (K, B), mu, logvar.
         Every row uses only its own noise, so a row's result does not depend on what else is in the batch."""

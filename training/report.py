@@ -45,7 +45,7 @@ def write_report(out_dir: Path, metadata: Dict[str, Any], history: List[Dict[str
     with torch.inference_mode():
         x = vae.quantize(test_x[:32])
         recon = vae.decode(vae.encode(x)[0])  # decode the posterior mean: the model's best reconstruction
-        samples = vae.decode(torch.randn(64, vae.config.latent_dim, generator=torch.Generator().manual_seed(seed)))
+        samples = vae.decode(vae.sample_latents(64, torch.Generator().manual_seed(seed)))
     title = metadata.get("data", {}).get("name", "")
     figures = {
         "loss_curves.png": _loss_curves(history),
