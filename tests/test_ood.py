@@ -125,8 +125,17 @@ def test_calibrate_recomputes_the_same_scores_from_the_scripted_artifact(digits_
     """Calibration at training time (eager model) == recalibration from the saved artifact (TorchScript)."""
     out = tmp_path / "recalibrated.ts"
     assert ood.main(["calibrate", "--model", str(digits_artifact), "--out", str(out)]) == 0
-    before, after = load_artifact(digits_artifact)[1], load_artifact(out)[1]
+    before, after = load_artifact(digits_artifact)[1].to_dict(), load_artifact(out)[1].to_dict()
+    references = {}
+    for meta in (before, after):  # a combined kind's reference values are model scores too: compared below
+        for kind, description in meta["scoring"]["kinds"].items():
+            if "combination" in description:
+                references.setdefault(kind, []).append([t.pop("reference") for t in description["combination"]["terms"]])
     assert after["weights_sha256"] == before["weights_sha256"] and after["scoring"] == before["scoring"]
+    assert set(references) == {k for k in calibration.KINDS if calibration.is_combined(k)}
+    for kind, (old, new) in references.items():
+        for a, b in zip(old, new):
+            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-3, err_msg=kind)
     for kind, scores in before["calibration"]["scores"].items():
         np.testing.assert_allclose(after["calibration"]["scores"][kind], scores, rtol=1e-5, atol=1e-3)
 
