@@ -106,7 +106,7 @@ def anomaly_body(outputs: Dict[str, np.ndarray], shape: ModelShape, kind, k: int
     from service import scoring
 
     rows = scoring.score_rows(outputs, num_dims=shape.num_dims, calibration=kind.calibration, alpha=0.01,
-                              tail="upper", k=k, complexity_bits=bits)
+                              tail="upper", k=k, complexity_bits=bits, kind=kind)
     summary = scoring.calibration_summary(kind.calibration, 0.01, "upper", k)
     return orjson.dumps({"score": kind.name, "k": k, "scores": rows, "calibration": summary})
 
