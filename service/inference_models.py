@@ -13,7 +13,6 @@ Images are 8-bit, as everywhere in this service: FP32 pixels are checked (finite
 round(255 x), as /encode does with a float npy batch; so FP32 u / 255 and UINT8 u are the same input.
 """
 
-import asyncio
 import math
 import re
 import time
@@ -22,9 +21,9 @@ from functools import lru_cache
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from starlette.concurrency import run_in_threadpool
 
 from service import codecs, scoring
+from service.anomaly import score_images
 from service.deps import ServiceState
 from service.errors import InvalidTensor, RequestTooLarge, UnknownModel
 from service.inference_protocol import InferInput, InferRequest, Parameters, decoded_body, parse_request
@@ -242,22 +241,13 @@ async def _score(state: ServiceState, arrays: Dict[str, np.ndarray], params: Sco
                  abandoned: Awaitable) -> Tuple[Dict[str, np.ndarray], Parameters]:
     """As /anomaly-score: the score kernel, the kind's compressed sizes beside it, then scoring's rows, so the
     numbers are that endpoint's; they become one vector per field."""
-    images, kind, kinds = arrays["images"], params.kind, state.score_kinds
-    scored = state.batcher.submit("score", images, params=params.k, deadline=deadline, abandoned=abandoned)
-    if kind.compressor is None:
-        out, bits = await scored, None
-    else:  # compress in the thread pool while the model works
-        out, bits = await asyncio.gather(scored, run_in_threadpool(kinds.complexity_bits, kind, images))
-    rows = await run_in_threadpool(
-        scoring.score_rows, out, num_dims=state.runtime.info.num_dims, calibration=kind.calibration,
-        alpha=params.alpha, tail=params.tail, k=params.k, complexity_bits=bits, kind=kind,
-    )
+    rows, summary = await score_images(state, arrays["images"], params.kind, k=params.k, alpha=params.alpha,
+                                       tail=params.tail, deadline=deadline, abandoned=abandoned)
     fields = dict(SCORE_FIELDS)
-    summary = scoring.calibration_summary(kind.calibration, params.alpha, params.tail, params.k)
     if summary["calibrated"]:
         fields.update(CALIBRATED)
     arrays = {name: _column(rows, field) for name, field in fields.items()}
-    parameters = {"score": kind.name, "k": params.k, **{
+    parameters = {"score": params.kind.name, "k": params.k, **{
         ("calibration_" + key if key in ("n", "k") else key): value
         for key, value in summary.items() if value is not None  # a parameter is a bool, number or string
     }}

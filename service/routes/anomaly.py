@@ -1,13 +1,11 @@
 """/anomaly-score: per image, a score of the requested kind calibrated into a conformal p-value, plus the
 importance-weighted NLL with its SE and ESS and the ELBO terms."""
 
-import asyncio
 from typing import Annotated, Literal, Optional
 
 from fastapi import APIRouter, Query, Request
-from starlette.concurrency import run_in_threadpool
 
-from service import scoring
+from service.anomaly import score_images
 from service.deps import CALL_HEADERS, Model, client_gone
 from service.errors import RequestTooLarge
 from service.inputs import IMAGE_BODY, read_images
@@ -38,14 +36,6 @@ async def anomaly_score(
     if k > state.settings.max_k:
         raise RequestTooLarge(f"k={k} is over the limit of {state.settings.max_k}")
     images = await read_images(request, state.image_spec, state.settings.max_rows)
-    scored = state.batcher.submit("score", images, params=k, deadline=deadline, abandoned=client_gone(request))
-    if kind.compressor is None:
-        out, bits = await scored, None
-    else:  # compress in the thread pool while the model works
-        out, bits = await asyncio.gather(scored, run_in_threadpool(kinds.complexity_bits, kind, images))
-    rows = await run_in_threadpool(
-        scoring.score_rows, out, num_dims=state.runtime.info.num_dims, calibration=kind.calibration,
-        alpha=alpha, tail=tail, k=k, complexity_bits=bits, kind=kind,
-    )
-    summary = scoring.calibration_summary(kind.calibration, alpha, tail, k)
+    rows, summary = await score_images(state, images, kind, k=k, alpha=alpha, tail=tail, deadline=deadline,
+                                       abandoned=client_gone(request))
     return JSONResponse({"score": kind.name, "k": k, "scores": rows, "calibration": summary})

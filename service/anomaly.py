@@ -1,0 +1,27 @@
+"""The anomaly-score path below its two routes (/anomaly-score and the protocol's ``scorer``): the score
+kernel on the batcher, the kind's compressed sizes computed beside it, then scoring's rows and summary. One
+path, so both routes give the same numbers for the same images."""
+
+import asyncio
+from typing import Awaitable, List, Optional, Tuple
+
+import numpy as np
+from starlette.concurrency import run_in_threadpool
+
+from service import scoring
+from service.deps import ServiceState
+
+
+async def score_images(state: ServiceState, images: np.ndarray, kind: scoring.ScoreKind, *, k: int, alpha: float,
+                       tail: str, deadline: Optional[float], abandoned: Optional[Awaitable]) -> Tuple[List[dict], dict]:
+    """Per image, the /anomaly-score row of ``kind`` at ``k`` samples; and the calibration summary."""
+    scored = state.batcher.submit("score", images, params=k, deadline=deadline, abandoned=abandoned)
+    if kind.compressor is None:
+        out, bits = await scored, None
+    else:  # compress in the thread pool while the model works
+        out, bits = await asyncio.gather(scored, run_in_threadpool(state.score_kinds.complexity_bits, kind, images))
+    rows = await run_in_threadpool(
+        scoring.score_rows, out, num_dims=state.runtime.info.num_dims, calibration=kind.calibration,
+        alpha=alpha, tail=tail, k=k, complexity_bits=bits, kind=kind,
+    )
+    return rows, scoring.calibration_summary(kind.calibration, alpha, tail, k)
