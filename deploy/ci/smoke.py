@@ -146,6 +146,23 @@ def check(url: str, jpeg: str = None) -> None:
         error = {}
     report(400 <= status < 500 and "code" in error, "/encode with garbage is a JSON 4xx, not a 500", str(status))
 
+    # The packaged page and its assets (package data must reach the image), the protocol and the directions.
+    for path, kind in (("/", "text/html"), ("/ui/app.js", "javascript"), ("/ui/style.css", "text/css")):
+        status, headers, raw = request(url + path)
+        ctype = dict((k.lower(), v) for k, v in headers.items()).get("content-type", "")
+        report(status == 200 and kind in ctype and len(raw) > 100, f"GET {path} serves the page's {kind}",
+               f"status {status}, {ctype}, {len(raw)} bytes")
+    status, _, raw = request(url + "/v2/health/ready")
+    report(status == 200, "GET /v2/health/ready (Open Inference Protocol)", f"status {status}")
+    status, _, raw = request(url + "/v2/models/encoder")
+    meta = json.loads(raw) if status == 200 else {}
+    report(status == 200 and [o["name"] for o in meta.get("outputs", [])] == ["mu", "logvar"],
+           "GET /v2/models/encoder names its outputs mu, logvar", f"status {status}")
+    status, _, raw = request(url + "/directions")
+    names = [d.get("name") for d in json.loads(raw).get("directions", [])] if status == 200 else []
+    report(status == 200 and any(n.startswith("pixel:") for n in names), "GET /directions lists pixel directions",
+           f"status {status}, {names[:4]}")
+
     status, _, raw = request(url + "/metrics")
     text = raw.decode()
     wanted = ['vae_ready 1.0', 'vae_requests_total{endpoint="/encode",status="200"}', "vae_model_info{",
