@@ -12,11 +12,11 @@ import logging
 import os
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -106,6 +106,20 @@ def amp_dtype(device: torch.device, enabled: bool) -> Optional[torch.dtype]:
     if not enabled or device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+@contextmanager
+def flush_denormals(device: torch.device) -> Iterator[None]:
+    """On CPU, flush denormal floats to zero for a block, then restore the default (off: the service and the
+    calibration scores must not depend on whether training ran in the same process). Far in the tails,
+    exp() underflows into denormals, on which x86 arithmetic is many times slower: a lean 28x28 VampPrior
+    epoch ran at ~110 images/s with them and ~1900 without, to the same weights (measured, README)."""
+    enabled = device.type == "cpu" and torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if enabled:
+            torch.set_flush_denormal(False)
 
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, device: torch.device,
@@ -234,9 +248,10 @@ def train(vae: VAE, train_split: Split, val_split: Split, levels: int, config: T
             break
         t0 = time.perf_counter()
         sampler.set_epoch(epoch)
-        train_m = train_one_epoch(model, loader, optimizer, device, epoch=epoch, config=config,
-                                  generator=seeded(device, config.seed, epoch, ctx.rank), scaler=scaler,
-                                  autocast_dtype=dtype, progress=progress)
+        with flush_denormals(device):
+            train_m = train_one_epoch(model, loader, optimizer, device, epoch=epoch, config=config,
+                                      generator=seeded(device, config.seed, epoch, ctx.rank), scaler=scaler,
+                                      autocast_dtype=dtype, progress=progress)
         train_m = _global_means(train_m, ctx)
         val_m = validate(vae, val_split, val_levels or levels, device, ctx, max(config.batch_size, 256))
         rates.append(train_m["images_per_s"])  # a timing, like time_s: kept out of the (reproducible) history
