@@ -98,6 +98,8 @@ def test_the_other_endpoints_work_with_the_vamp_prior(vamp_client, digit_images,
     scores = [row["score_nats"] for row in rows]
     assert all(0 < row["p_value"] <= 1 for row in rows)  # calibrated at the served K
     assert all(np.isfinite(scores)) and np.median(scores[8:]) > np.median(scores[:8])  # noise is less likely
+    default = vamp_client.post("/anomaly-score", content=payload.getvalue(), headers={"content-type": NPY})
+    assert default.status_code == 200 and all(np.isfinite(row["score_nats"]) for row in default.json()["scores"])
     encoded = vamp_client.post("/encode", content=payload.getvalue(), headers={"content-type": NPY})
     assert encoded.status_code == 200 and len(encoded.json()["mu"]) == 16
     z = encoded.json()["mu"][:2]
