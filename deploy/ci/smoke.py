@@ -220,21 +220,26 @@ def prometheus(prom: str, dashboard_path: str, timeout: float) -> None:
     def query(expr: str):
         url = prom + "/api/v1/query?" + urllib.parse.urlencode({"query": expr})
         status, _, body = request(url, timeout=10)
-        return status, json.loads(body)
+        try:
+            return status, json.loads(body)
+        except ValueError:  # e.g. 503 "Service Unavailable" in plain text while the TSDB opens
+            return status, {"error": f"{status}: {body[:200].decode('latin-1')!r}"}
 
-    started = time.monotonic()
+    started, last = time.monotonic(), "no answer"
     while time.monotonic() - started < timeout:
         try:
             # Ready, and scraped often enough that rate() over 1m has points to work with.
-            _, out = query('vae_ready == 1 and on(instance) count_over_time(vae_ready[1m]) >= 5'
-                           ' and on(instance) up{job="vae-service"} == 1')
-            if out.get("data", {}).get("result"):
+            status, out = query('vae_ready == 1 and on(instance) count_over_time(vae_ready[1m]) >= 5'
+                                ' and on(instance) up{job="vae-service"} == 1')
+            if status == 200 and out.get("data", {}).get("result"):
                 break
+            last = out.get("error", f"{status}, no ready target yet")
         except OSError:
-            pass  # Prometheus still starting
+            pass  # Prometheus still starting: not listening yet
         time.sleep(0.5)
     else:
-        report(False, "Prometheus scrapes the service (up == 1, vae_ready == 1)", f"not within {timeout:.0f}s")
+        report(False, "Prometheus scrapes the service (up == 1, vae_ready == 1)",
+               f"not within {timeout:.0f}s; last answer: {last}")
         return
     report(True, "Prometheus scrapes the service (up == 1, vae_ready == 1)")
 
