@@ -42,6 +42,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                         help="ours (VAE_BATCH_DELAY_MS) and LitServe's batch_timeout; 0 is both servers' default")
     parser.add_argument("--lit-workers", type=int, nargs="+", default=[1, 2],
                         help="LitServe's workers_per_device (processes): each count is run, the best one compared")
+    parser.add_argument("--device", default="cpu",
+                        help="every server's model device: cpu, or cuda on a GPU machine (LitServe's accelerator too)")
     parser.add_argument("--processes", type=int, default=0,
                         help="our server processes (VAE_PROCESSES; 0: the service's default); the ceiling runs as many")
     parser.add_argument("--lit-fast-queue", action="store_true", help="LitServe's ZeroMQ transport")
@@ -83,7 +85,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         workloads=args.workloads, open_loop_s=args.open_loop, cold_starts=args.cold_starts,
         cold_start_model=args.cold_start_model.resolve() if args.cold_start_model else None,
         profile_s=args.profile, lit_fast_queue=args.lit_fast_queue, batch_delay_ms=args.batch_delay_ms,
-        lit_workers=args.lit_workers, processes=args.processes, rounds=args.rounds, variants=variants,
+        lit_workers=args.lit_workers, processes=args.processes, device=args.device, rounds=args.rounds, variants=variants,
         inprocess_s=args.duration,
     )
     results = runner.run(opts)

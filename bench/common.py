@@ -61,29 +61,33 @@ def decode_npy(data: bytes, shape: ModelShape) -> np.ndarray:
     return array
 
 
-def load_model(path: Path, threads: int):
-    """The artifact's module on CPU (checked and in eval mode, as the service loads it), with the bench's
-    intra-op thread count."""
+def load_model(path: Path, threads: int, device: str = "cpu"):
+    """The artifact's module on ``device`` (checked and in eval mode, as the service loads it), with the
+    bench's intra-op thread count."""
     import torch
 
     from vae_artifact.io import load_artifact
 
     torch.set_num_threads(threads)
-    return load_artifact(path)[0]
+    return load_artifact(path, map_location=device)[0]
 
 
-def score_noise(shape: ModelShape, k: int):
-    """The artifact contract's noise, (K, D)."""
+def score_noise(shape: ModelShape, k: int, device: str = "cpu"):
+    """The artifact contract's noise, (K, D), on ``device``."""
     from vae_artifact import noise
 
-    return noise.scoring_noise(k, shape.latent_dim, shape.noise_seed)
+    return noise.scoring_noise(k, shape.latent_dim, shape.noise_seed).to(device)
 
 
-def to_tensor(images: np.ndarray):
-    """uint8 (N, C, H, W) -> float32 in [0, 1]: the contract's 8-bit value / 255."""
+def to_tensor(images: np.ndarray, device: str = "cpu"):
+    """uint8 (N, C, H, W) -> float32 in [0, 1] on ``device``: the contract's 8-bit value / 255."""
     import torch
 
-    return torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)
+    return torch.from_numpy(np.ascontiguousarray(images)).to(device).float().div_(255.0)
+
+
+def to_numpy(tensor) -> np.ndarray:
+    return tensor.cpu().numpy()
 
 
 def run_score(module, x, noise) -> Dict[str, np.ndarray]:
@@ -91,8 +95,8 @@ def run_score(module, x, noise) -> Dict[str, np.ndarray]:
     from vae_artifact.noise import for_rows
 
     iw, elbo, rec, kl, log_w = module.score(x, for_rows(noise, x.shape[0]))
-    return {"iw_ll": iw.numpy(), "elbo": elbo.numpy(), "rec": rec.numpy(), "kl": kl.numpy(),
-            "log_w": log_w.t().numpy()}
+    return {"iw_ll": to_numpy(iw), "elbo": to_numpy(elbo), "rec": to_numpy(rec), "kl": to_numpy(kl),
+            "log_w": to_numpy(log_w.t())}
 
 
 def encode_body(mu: np.ndarray, logvar: np.ndarray) -> bytes:

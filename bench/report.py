@@ -98,6 +98,7 @@ def markdown(results: Dict) -> str:
         f"Model: `{meta['model']}` ({shape['channels']}x{shape['height']}x{shape['width']}, latent "
         f"{shape['latent_dim']}, score K={shape['score_k']}); inputs: 28x28 PNGs from `{meta['images']}`.  ",
         f"Machine: {meta['cpus']} CPUs, {meta['platform']}, Python {meta['python']}, torch {meta['torch']}, "
+        f"models on {meta.get('device', 'cpu')}; "
         f"{meta['torch_threads']} torch thread(s) in every server; generator: {meta['generator']}; "
         f"{meta['duration_s']:g} s per measurement after {meta['warmup_s']:g} s of warm-up; "
         f"1-min load average {meta['load_before'][0]:.2f} before, {meta['load_after'][0]:.2f} after.  ",

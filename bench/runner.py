@@ -50,6 +50,7 @@ class Options:
     inprocess_s: float = 8.0  # as long as each server's measurement
     rounds: int = 1  # every server is measured this many times, alternating; the best round is reported
     variants: Dict[str, Path] = field(default_factory=dict)  # label -> another checkout of the service
+    device: str = "cpu"  # every server's model: cpu, or cuda for a GPU run (LitServe's accelerator too)
 
 
 def run(opts: Options) -> Dict:
@@ -58,7 +59,7 @@ def run(opts: Options) -> Dict:
     images = load_images(opts.images)
     workloads = [w for w in WORKLOADS if w.name in opts.workloads]
     if not opts.processes:
-        opts.processes = default_processes("cpu", available_cpus())
+        opts.processes = default_processes(opts.device, available_cpus())
     servers = [lit for name in opts.servers
                for lit in ([f"litserve-{n}w" for n in opts.lit_workers] if name == "litserve" else [name])]
     servers += list(opts.variants)
@@ -146,7 +147,7 @@ def _server(name: str, kernel: Optional[str], opts: Options, shape, model: Optio
     env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"}
     log = opts.out / "logs" / f"{name}{'-' + kernel if kernel else ''}.log"
     if name == "ours" or name in opts.variants:
-        env.update(VAE_TORCH_THREADS=threads, VAE_LOG_LEVEL="warning", VAE_DEVICE="cpu",
+        env.update(VAE_TORCH_THREADS=threads, VAE_LOG_LEVEL="warning", VAE_DEVICE=opts.device,
                    VAE_BATCH_DELAY_MS=str(opts.batch_delay_ms), VAE_PROCESSES=str(opts.processes))
         args = ["-m", "service", "--model", str(model), "--host", "127.0.0.1", "--port", str(port)]
         if name in opts.variants:  # another checkout of the service: its own `service` package comes first
@@ -154,7 +155,8 @@ def _server(name: str, kernel: Optional[str], opts: Options, shape, model: Optio
             env["PYTHONPATH"] = os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
             return ServerProcess(name, args, port, log, env, cwd=root)
     elif name == "naive":
-        args = ["-m", "bench.servers.naive", "--model", str(model), "--port", str(port), "--threads", threads]
+        args = ["-m", "bench.servers.naive", "--model", str(model), "--port", str(port), "--threads", threads,
+                "--device", opts.device]
     elif name == "ceiling":
         args = ["-m", "bench.servers.ceiling", "--model", str(model), "--port", str(port),
                 "--processes", str(opts.processes)]
@@ -164,7 +166,7 @@ def _server(name: str, kernel: Optional[str], opts: Options, shape, model: Optio
             old.unlink()
         args = ["-m", "bench.servers.lit", "--model", str(model), "--port", str(port), "--api", kernel,
                 "--threads", threads, "--stats", str(stats), "--batch-timeout-ms", str(opts.batch_delay_ms),
-                "--workers", name.split("-")[1].rstrip("w")]
+                "--workers", name.split("-")[1].rstrip("w"), "--accelerator", opts.device.split(":")[0]]
         if opts.lit_fast_queue:
             args.append("--fast-queue")
     else:
@@ -267,7 +269,8 @@ def _cold_starts(opts: Options, shape) -> List[float]:
 
 def _inprocess(opts: Options) -> Dict:
     proc = subprocess.run([sys.executable, "-m", "bench.inprocess", "--model", str(opts.model), "--threads",
-                           str(opts.threads), "--seconds", str(opts.inprocess_s / 10)], capture_output=True, text=True,
+                           str(opts.threads), "--seconds", str(opts.inprocess_s / 10), "--device", opts.device],
+                          capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": str(opts.threads)}, cwd=ROOT, timeout=600)
     if proc.returncode != 0:
         raise RuntimeError(f"in-process measurement failed: {proc.stderr[-2000:]}")
@@ -282,6 +285,7 @@ def _meta(opts: Options, shape) -> Dict:
         "model": str(opts.model), "model_shape": shape.__dict__, "images": opts.images,
         "torch_threads": opts.threads, "duration_s": opts.duration_s, "warmup_s": opts.warmup_s,
         "batch_delay_ms": opts.batch_delay_ms, "lit_workers": opts.lit_workers, "processes": opts.processes,
+        "device": opts.device,
         "max_requests": opts.max_requests,
         "generator": "wrk" if loadgen.have_wrk() else "aiohttp", "cpus": os.cpu_count(),
         "platform": platform.platform(), "python": platform.python_version(), "torch": version("torch"),

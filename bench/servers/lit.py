@@ -33,15 +33,16 @@ class VAEAPI(ls.LitAPI):
         super().__init__(api_path=PATHS[kernel], **kwargs)
         self.model_path, self.kernel, self.threads, self.stats = model_path, kernel, threads, stats
 
-    def setup(self, device) -> None:
+    def setup(self, device: str) -> None:  # LitServe's device for this worker: "cpu" or "cuda:N"
         from service.scoring import ScoreKinds
 
         metadata = common.read_metadata(self.model_path)
         self.shape = common.model_shape(metadata)
         self.kinds = ScoreKinds.from_metadata(metadata)
         self.kind = self.kinds.get(None)  # the artifact's default score kind, as our service computes it
-        self.module = common.load_model(self.model_path, self.threads)
-        self.noise = common.score_noise(self.shape, self.shape.score_k)
+        self.device = device
+        self.module = common.load_model(self.model_path, self.threads, device)
+        self.noise = common.score_noise(self.shape, self.shape.score_k, device)
         self.batches = self.rows = 0
         threading.Thread(target=self._flush_forever, name="bench-stats", daemon=True).start()
 
@@ -63,10 +64,10 @@ class VAEAPI(ls.LitAPI):
                 self._count(sum(n for n, _ in inputs))
                 return out
             sizes = [len(x) for x in inputs]
-            x = common.to_tensor(np.concatenate(inputs))
+            x = common.to_tensor(np.concatenate(inputs), self.device)
             self._count(len(x))
             if self.kernel == "encode":
-                mu, logvar = (t.numpy() for t in self.module.encode(x))
+                mu, logvar = (common.to_numpy(t) for t in self.module.encode(x))
                 return [common.encode_body(m, v) for m, v in zip(common.split_rows(mu, sizes),
                                                                   common.split_rows(logvar, sizes))]
             outputs = common.run_score(self.module, x, self.noise)
@@ -84,7 +85,8 @@ class VAEAPI(ls.LitAPI):
 
     def _sample(self, n: int, seed: int) -> bytes:
         z = np.random.default_rng(seed).standard_normal((n, self.shape.latent_dim)).astype(np.float32)
-        return common.sample_body(self.module.decode(torch.from_numpy(z)).numpy(), z, seed)
+        pixels = common.to_numpy(self.module.decode(torch.from_numpy(z).to(self.device)))
+        return common.sample_body(pixels, z, seed)
 
     def _count(self, rows: int) -> None:
         self.batches += 1
@@ -109,12 +111,14 @@ def main() -> None:
     parser.add_argument("--batch-timeout-ms", type=float, default=0.0)
     parser.add_argument("--workers", type=int, default=1, help="LitServe workers_per_device (processes)")
     parser.add_argument("--fast-queue", action="store_true", help="LitServe's ZeroMQ transport")
+    parser.add_argument("--accelerator", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--stats", type=Path, required=True)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     api = VAEAPI(args.model, args.api, args.threads, args.stats, max_batch_size=args.max_batch_size,
                  batch_timeout=args.batch_timeout_ms / 1000.0)
-    server = ls.LitServer(api, accelerator="cpu", workers_per_device=args.workers, healthcheck_path="/readyz",
+    server = ls.LitServer(api, accelerator=args.accelerator, workers_per_device=args.workers,
+                          healthcheck_path="/readyz",
                           fast_queue=args.fast_queue, timeout=60)
     server.run(host="127.0.0.1", port=args.port, num_api_servers=1, log_level="warning",
                generate_client_file=False, access_log=False)

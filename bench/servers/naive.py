@@ -21,13 +21,13 @@ from service.scoring import ScoreKinds
 JSON = "application/json"
 
 
-def create_app(model_path: Path, threads: int) -> FastAPI:
+def create_app(model_path: Path, threads: int, device: str = "cpu") -> FastAPI:
     metadata = common.read_metadata(model_path)
     shape = common.model_shape(metadata)
     kinds = ScoreKinds.from_metadata(metadata)
     kind = kinds.get(None)  # the artifact's default score kind, as our service computes it
-    module = common.load_model(model_path, threads)
-    noise = common.score_noise(shape, shape.score_k)
+    module = common.load_model(model_path, threads, device)
+    noise = common.score_noise(shape, shape.score_k, device)
     app = FastAPI()
 
     async def read_images(request: Request) -> np.ndarray:
@@ -39,18 +39,18 @@ def create_app(model_path: Path, threads: int) -> FastAPI:
 
     def encode(images: np.ndarray) -> bytes:
         with torch.inference_mode():
-            mu, logvar = module.encode(common.to_tensor(images))
-        return common.encode_body(mu.numpy(), logvar.numpy())
+            mu, logvar = module.encode(common.to_tensor(images, device))
+        return common.encode_body(common.to_numpy(mu), common.to_numpy(logvar))
 
     def score(images: np.ndarray) -> bytes:
         with torch.inference_mode():
-            outputs = common.run_score(module, common.to_tensor(images), noise)
+            outputs = common.run_score(module, common.to_tensor(images, device), noise)
         return common.anomaly_body(outputs, shape, kind, shape.score_k, kinds.complexity_bits(kind, images))
 
     def sample(n: int, seed: int) -> bytes:
         z = np.random.default_rng(seed).standard_normal((n, shape.latent_dim)).astype(np.float32)
         with torch.inference_mode():
-            pixels = module.decode(torch.from_numpy(z)).numpy()
+            pixels = common.to_numpy(module.decode(torch.from_numpy(z).to(device)))
         return common.sample_body(pixels, z, seed)
 
     @app.post("/encode")
@@ -80,8 +80,9 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     args = parser.parse_args()
-    uvicorn.run(create_app(args.model, args.threads), host="127.0.0.1", port=args.port, log_level="warning",
+    uvicorn.run(create_app(args.model, args.threads, args.device), host="127.0.0.1", port=args.port, log_level="warning",
                 access_log=False)
 
 
