@@ -18,7 +18,7 @@ from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from service.devices import pin_cpu_numerics, resolve_device
+from service.devices import pin_cpu_numerics, pin_gpu_numerics, resolve_device
 from vae_artifact import noise
 from vae_artifact.errors import ArtifactError
 from vae_artifact.io import file_sha256, load_artifact
@@ -74,10 +74,13 @@ class ModelRuntime:
     how many rows share its call (bit for bit). A call runs at one of a few sizes (``call_sizes``), zero-padded
     up to the smallest that fits: on a GPU the buckets, each warmed once; on CPU, where padding costs compute,
     a finer grid (``cpu_call_sizes``: exact up to 8 rows, then steps of 4 and 8). Each size is a shape the
-    executor and oneDNN keep state for, so the grid bounds memory and warm-up as well. ``warm_up`` also checks,
-    on CPU, that every call size gives each row the bits of the largest call, and pads smaller calls up to the
-    size from which they do. With MKL's strict reproducible mode (``devices.pin_cpu_numerics``) they all do;
-    without it, small calls take other kernels whose last bits differ (below 16 rows on AVX-512 machines).
+    executor and oneDNN keep state for, so the grid bounds memory and warm-up as well. ``warm_up`` also checks
+    that every call size gives each row the bits of the largest call, and pads smaller calls up to the size
+    from which they do. On CPU with MKL's strict reproducible mode (``devices.pin_cpu_numerics``) they all do;
+    without it, small calls take other kernels whose last bits differ (below 16 rows on AVX-512 machines). On
+    a GPU cuDNN and cuBLAS pick kernels by shape, so the probe usually pads every call to the largest bucket,
+    which costs a GPU almost nothing (an H200 encodes 64 rows in the time of one); ``devices.pin_gpu_numerics``
+    keeps each shape on one full-precision kernel.
     """
 
     def __init__(self, path: Path, *, device: str = "auto", buckets: Sequence[int] = (4, 16, 64),
@@ -86,6 +89,8 @@ class ModelRuntime:
             raise ValueError(f"buckets must be positive batch sizes, got {list(buckets)}")
         pin_cpu_numerics()  # before the first matrix product of this process, which warm_up runs
         self.device = resolve_device(device)
+        if self.device.type == "cuda":
+            pin_gpu_numerics()
         self.module, self.metadata = load_artifact(Path(path), self.device, expected_sha256=expected_sha256)
         meta: Metadata = self.metadata
         if not meta.prior.is_standard and not all(hasattr(self.module, name) for name in PRIOR_METHODS):
@@ -103,7 +108,7 @@ class ModelRuntime:
         self._noise_lock = threading.Lock()
         self._pin = self.device.type == "cuda"
         # Per kernel, the smallest call size from which every row has the bits it has in the largest call:
-        # smaller calls are padded up to it. Measured by warm_up on CPU; a GPU pads to its buckets anyway.
+        # smaller calls are padded up to it. Measured by warm_up.
         self.exact_from: Dict[str, int] = {kernel: 1 for kernel in KERNELS}
 
     # -- kernels -------------------------------------------------------------------------------
@@ -149,10 +154,12 @@ class ModelRuntime:
             return iw, elbo, rec, kl, log_w.t()  # log_w (K, B) -> (B, K): rows first, like the rest
 
         # Measured at the calibration's K; at another K a row's K decodes are a decode batch of another size.
+        sizes = self.score_sizes(k)
         exact_from = max(self.exact_from["score"], math.ceil(self.exact_from["decode"] / k))
         if not self.metadata.scoring.batch_invariant:  # an older score: one call size keeps a row's bits
-            exact_from = self.score_sizes(k)[-1]
-        return self._calls(score, images, ("iw_ll", "elbo", "rec", "kl", "log_w"), self.score_sizes(k), exact_from)
+            exact_from = sizes[-1]
+        # A large K caps the rows per call below what the probe found: one size then, which is exact too.
+        return self._calls(score, images, ("iw_ll", "elbo", "rec", "kl", "log_w"), sizes, min(exact_from, sizes[-1]))
 
     def score_sizes(self, k: int) -> List[int]:
         """Call sizes of a score: a row costs K decodes, so rows per call shrink as K grows."""
@@ -164,13 +171,12 @@ class ModelRuntime:
         return self.score_sizes(int(params or self.info.score_k))[-1] if kernel == "score" else self.call_sizes[-1]
 
     def warm_up(self, score_k: Optional[int] = None, rounds: int = 2) -> float:
-        """Check the call sizes' bits (CPU), then run every kernel at every call size, ``rounds`` times, so the
+        """Check the call sizes' bits, then run every kernel at every call size, ``rounds`` times, so the
         profiling executor has specialised and oneDNN has built each shape before the first request."""
         started = time.perf_counter()
         c, h, w, d = self.info.channels, self.info.height, self.info.width, self.info.latent_dim
         k = score_k or self.info.score_k
-        if self.device.type == "cpu":
-            self._probe_exact_sizes(k)
+        self._probe_exact_sizes(k)
         for _ in range(rounds):
             for b in self.call_sizes:
                 self.encode(np.zeros((b, c, h, w), np.uint8))

@@ -11,8 +11,9 @@ from training.data import Dataset, load_dataset
 # fixes its numerics at the process's first matrix product.
 pin_cpu_numerics()
 
-DIGITS_ARGS = ["--data", "digits", "--epochs", "12", "--eval-k", "64", "--score-k", "32", "--seed", "0",
-               "--no-report", "--quiet"]
+# Trained on CPU on every machine, so the fixture is the same model everywhere; a GPU machine serves it on CUDA.
+DIGITS_ARGS = ["--data", "digits", "--device", "cpu", "--epochs", "12", "--eval-k", "64", "--score-k", "32",
+               "--seed", "0", "--no-report", "--quiet"]
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from training.data import load_dataset
 from vae_artifact.io import load_artifact, save_artifact
 
 FORMAT1 = Path(__file__).parent / "fixtures" / "vae_format1.ts"  # written before the data recipe was recorded
-TINY = ["--data", "digits", "--epochs", "2", "--eval-k", "8", "--score-k", "8", "--latent-dim", "4",
+TINY = ["--data", "digits", "--device", "cpu", "--epochs", "2", "--eval-k", "8", "--score-k", "8", "--latent-dim", "4",
         "--base-width", "8", "--no-report", "--quiet"]
 
 

@@ -6,11 +6,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from service.app import create_app
 from service.config import Settings
+
+# Where the apps below serve (Settings' device "auto"): CUDA on a GPU machine, where these tests run too.
+SERVED_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def wait_ready(client: TestClient, timeout: float = 60.0) -> None:

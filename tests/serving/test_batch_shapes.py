@@ -1,9 +1,11 @@
-"""The runtime's batch shapes on CPU: calls run at their exact size, yet rows never depend on their batch mates."""
+"""The runtime's batch shapes: on CPU calls run at their exact size, and on every device (CUDA where this machine
+has it) rows never depend on their batch mates."""
 
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from service.runtime import ModelRuntime
 
@@ -52,10 +54,23 @@ def test_cpu_calls_run_at_the_smallest_call_size_that_holds_them(runtime):
                                     ("encode", max(3, low["encode"]))]
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(scope="module", params=DEVICES)
+def any_runtime(request, digits_artifact, runtime):
+    if request.param == "cpu":
+        return runtime
+    on_device = ModelRuntime(digits_artifact, device=request.param)
+    on_device.warm_up(rounds=1)
+    return on_device
+
+
 @pytest.mark.parametrize("kernel", ["encode", "decode", "score"])
-def test_rows_are_bit_identical_at_every_batch_size(runtime, digit_images, kernel):
+def test_rows_are_bit_identical_at_every_batch_size(any_runtime, digit_images, kernel):
     """Every batch size from 1 to the row limit, every row (real digits: the K weights' summation order shows
-    on typical inputs, not on noise)."""
+    on typical inputs, not on noise). On a GPU too, where cuDNN and cuBLAS choose kernels by shape."""
+    runtime = any_runtime
     rng = np.random.default_rng(2)
     images = np.concatenate([digit_images[:40], rng.integers(0, 256, size=(30, 1, 8, 8), dtype=np.uint8)])
     latents = rng.standard_normal((70, runtime.info.latent_dim)).astype(np.float32)
@@ -106,3 +121,19 @@ def test_a_score_k_whose_call_size_does_not_divide_the_probe_is_not_padded_for_n
     runtime.warm_up(score_k=10, rounds=1)
     assert runtime.max_rows("score", 10) == 3
     assert runtime.exact_from["score"] <= at_calibration_k
+
+
+def test_a_large_k_whose_calls_hold_fewer_rows_than_the_padding_runs_at_one_size(digits_artifact):
+    """A K so large that a score call holds fewer rows than the probe's padding: every call at the one size
+    left (not a failed request), each row as scored alone."""
+    runtime = ModelRuntime(digits_artifact, device="cpu")
+    runtime.module = Recording(runtime.module)
+    runtime.warm_up(rounds=1)
+    runtime.exact_from["score"] = 8  # as if calls below 8 rows took other kernels
+    k = runtime.max_score_decodes // 4  # calls of at most 4 rows
+    images = np.random.default_rng(3).integers(0, 256, size=(6, 1, 8, 8), dtype=np.uint8)
+    runtime.module.sizes.clear()
+    together = runtime.score(images, k)["iw_ll"]
+    assert runtime.module.sizes == [("score", 4), ("score", 4)]
+    alone = np.concatenate([runtime.score(images[i:i + 1], k)["iw_ll"] for i in range(6)])
+    np.testing.assert_array_equal(together, alone)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from conftest import wait_ready
+from conftest import SERVED_DEVICE, wait_ready
 from service.app import create_app
 from service.config import Settings
 from training.__main__ import main as train
@@ -20,8 +20,8 @@ from vae_artifact.io import load_artifact
 @pytest.fixture(scope="module")
 def binarized_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("binarized") / "vae.ts"
-    assert train(["--data", "digits", "--binarize", "--epochs", "2", "--eval-k", "8", "--score-k", "8",
-                  "--latent-dim", "4", "--base-width", "8", "--no-report", "--quiet", "--out", str(out)]) == 0
+    assert train(["--data", "digits", "--device", "cpu", "--binarize", "--epochs", "2", "--eval-k", "8",
+                  "--score-k", "8", "--latent-dim", "4", "--base-width", "8", "--no-report", "--quiet", "--out", str(out)]) == 0
     return out
 
 
@@ -45,4 +45,11 @@ def test_calibration_scores_are_the_served_scores_of_the_calib_images(binarized_
             assert response.status_code == 200, response.text
             served = np.sort([row["score_nats"] for row in response.json()["scores"]])
             for stored in (meta["calibration"]["scores"][kind], recalibrated[kind]):
-                np.testing.assert_allclose(stored, served, rtol=1e-5, atol=1e-3, err_msg=kind)
+                if SERVED_DEVICE == "cpu" or not kind.startswith("fisher-"):
+                    np.testing.assert_allclose(stored, served, rtol=1e-5, atol=1e-3, err_msg=kind)
+                    continue
+                # Calibrated on CPU, served on a GPU: the NLLs agree to float rounding, and a Fisher score is a
+                # step function of them (reference counts), so a row within rounding of a reference value may
+                # land one step away. Measured on an H200: 1 row of 144.
+                off = ~np.isclose(stored, served, rtol=1e-5, atol=1e-3)
+                assert off.sum() <= max(1, len(served) // 50), (kind, np.flatnonzero(off))

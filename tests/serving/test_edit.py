@@ -6,7 +6,6 @@ input gets its 4xx. The client methods run against a real ``python -m service`` 
 import base64
 import io
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -2,12 +2,11 @@
 
 import hashlib
 
-import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import png, variant, wait_ready
+from conftest import SERVED_DEVICE, png, variant, wait_ready
 from service.app import create_app
 
 
@@ -30,7 +29,7 @@ def test_model_metadata_describes_the_served_file(client, digits_artifact):
     body = client.get("/v1/model").json()
     assert body["sha256"] == hashlib.sha256(digits_artifact.read_bytes()).hexdigest()
     assert body["image"] == {"channels": 1, "height": 8, "width": 8}
-    assert body["device"] == "cpu" and body["score_k"] == 32
+    assert body["device"] == SERVED_DEVICE and body["score_k"] == 32
     assert "scores" not in body["metadata"]["calibration"]  # thousands of floats stay out of the response
     assert body["metadata"]["evaluation"]["iw_nll_nats"] > 0
 
@@ -54,7 +53,7 @@ def test_metrics_parse_and_move_with_traffic(client, digit_images):
     assert after[("vae_ready", ())] == 1
     assert after[("vae_queue_depth", (("kernel", "encode"),))] == 0
     info = [k for k in after if k[0] == "vae_model_info"]
-    assert len(info) == 1 and dict(info[0][1])["device"] == "cpu"
+    assert len(info) == 1 and dict(info[0][1])["device"] == SERVED_DEVICE
     assert ("vae_rejections_total", (("reason", "queue_full"),)) in after
 
 
