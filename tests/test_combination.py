@@ -20,14 +20,32 @@ def normal_statistics(rng: np.random.Generator, n: int):
     return nll, -nll - rng.gamma(4.0, 5.0, size=n), bits
 
 
+def slow_tail_scale(ref: list, side: str) -> float:
+    """Mean excess of the most extreme tenth (>= 1 value) over the next value inward, written out."""
+    if len(ref) < 2:
+        return 1.0
+    ordered = sorted(ref, reverse=(side == "upper"))
+    k = max(1, min(len(ref) - 1, math.ceil(len(ref) / 10)))
+    scale = sum(abs(v - ordered[k]) for v in ordered[:k]) / k
+    if scale > 0:
+        return scale
+    mean = sum(ref) / len(ref)
+    spread = math.sqrt(sum((v - mean) ** 2 for v in ref) / len(ref))
+    return spread if spread > 0 else 1.0
+
+
 def slow_fisher(nll: float, elbo: float, bits: float, spec: dict) -> float:
-    """-sum ln p over the artifact's terms, counting reference values one by one."""
+    """-sum ln p over the artifact's terms, counting reference values one by one; past the reference's extreme
+    (``beyond: exponential``) p continues as 1/(m + 1) exp(-excess / scale)."""
     stats = {"nll": nll, "iw-gap": -nll - elbo, "bits-bz2": bits, "nll-minus-bz2": nll - math.log(2.0) * bits}
     total = 0.0
     for term in spec["terms"]:
         v, ref = stats[term["statistic"]], term["reference"]
         upper = (1 + sum(1 for r in ref if r >= v)) / (len(ref) + 1)
         lower = (1 + sum(1 for r in ref if r <= v)) / (len(ref) + 1)
+        if spec.get("beyond", "counts") == "exponential":
+            upper *= math.exp(-max(0.0, v - max(ref)) / slow_tail_scale(ref, "upper"))
+            lower *= math.exp(-max(0.0, min(ref) - v) / slow_tail_scale(ref, "lower"))
         p = {"upper": upper, "lower": lower, "two-sided": min(1.0, 2 * min(upper, lower))}[term["tail"]]
         total -= math.log(p)
     return total
@@ -44,6 +62,27 @@ def test_scores_equal_the_formula_written_out():
     fast = fitted.scores(nll, elbo, bits)
     np.testing.assert_allclose(fast, [slow_fisher(*row, spec) for row in zip(nll, elbo, bits)], rtol=1e-13)
     assert min(fast[:3]) > np.quantile(fast[4:], 0.9) and fast[3] < np.quantile(fast[4:], 0.9)
+
+
+def test_past_the_reference_the_score_keeps_growing_and_older_artifacts_keep_their_counts():
+    """An input far past every reference value scores higher than one just past it (no cap at ln(m + 1) a term),
+    high enough to be flagged against any calibration sample; a spec without ``beyond`` is an artifact written
+    before the tails, scored with counts as its stored calibration was."""
+    rng = np.random.default_rng(5)
+    fitted = combination.Combination.fit("bz2", *normal_statistics(rng, 144))  # the bundled digits' val size
+    bits = np.full(4, np.median(fitted.terms[1].reference))  # typical complexity and posterior fit ...
+    top = fitted.terms[0].reference[-1]  # ... and nll-minus-bz2 (upper tail) past the reference by 1..1000 nats
+    nll = bits * math.log(2.0) + top + np.array([1.0, 10.0, 100.0, 1000.0])
+    elbo = -nll - np.median(fitted.terms[2].reference)
+    scores = fitted.scores(nll, elbo, bits)
+    assert np.all(np.diff(scores) > 0)
+    calibration = Calibration.of(fitted.scores(*normal_statistics(rng, 144)))
+    assert calibration.p_values(scores[3:]).max() == pytest.approx(1 / 145)  # noise is thousands of nats past
+    old = {key: value for key, value in fitted.to_dict().items() if key != "beyond"}
+    counted = combination.Combination.from_dict(old)
+    assert counted.beyond == "counts" and len(set(counted.scores(nll, elbo, bits))) == 1  # capped: all tied
+    np.testing.assert_allclose(counted.scores(nll, elbo, bits), [slow_fisher(*r, old) for r in zip(nll, elbo, bits)],
+                               rtol=1e-13)
 
 
 def test_p_values_are_uniform_on_fresh_normal_data():
@@ -92,6 +131,7 @@ def test_artifact_form_round_trips_and_malformed_ones_are_refused():
     for bad in ({**good, "method": "stouffer"}, {**good, "compressor": "lzma"}, {**good, "terms": []},
                 {**good, "terms": [{**good["terms"][0], "statistic": "bits-png"}]},
                 {**good, "terms": [{**good["terms"][0], "tail": "left"}]},
-                {**good, "terms": [{**good["terms"][0], "reference": [1.0, float("nan")]}]}, None, []):
+                {**good, "terms": [{**good["terms"][0], "reference": [1.0, float("nan")]}]},
+                {**good, "beyond": "gaussian"}, None, []):
         with pytest.raises((ValueError, TypeError, KeyError)):
             combination.Combination.from_dict(bad)

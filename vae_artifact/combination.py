@@ -24,13 +24,24 @@ reference p-values) and the false-positive guarantee is lost. Training uses the 
 the weights nor calibrates. Fisher's sum needs no independence between the p-values here: the combined score
 is calibrated as a whole, so dependence only changes power, never validity.
 
+Past the reference's extreme a count stops at 1/(m + 1): every input beyond it, a little or a thousand nats,
+would get the same p-value, and the combined score would top out at a few times ln(m + 1). With a small
+reference (the bundled digits: m = 144) that cap sits below what the most unusual calibration images reach, and
+pure noise could never be flagged at alpha = 0.01 (measured: p = 0.0138 for every noise image). So beyond the
+extreme a term continues as an exponential tail (``beyond = "exponential"``, every new artifact):
+p = 1/(m + 1) exp(-excess / s), where s is the mean excess of the reference's most extreme tenth over the value
+just inside it (peaks over a threshold with a generalised Pareto tail of shape 0; Pickands 1975). Inside the
+reference nothing changes; any monotone extension keeps the combined score valid, since it is calibrated as a
+whole. Artifacts written before it say nothing and keep the counts (``beyond = "counts"``), so their stored
+calibration stays the scores the service computes.
+
 Row by row and exact: a reference p-value is a count (``searchsorted``) turned into a rational, its logarithm
-is ``math.log`` of one number, and the sum has a fixed order, so a row's score does not depend on the other
-rows of its batch. Numpy only.
+is ``math.log`` of one number, a tail adds one division, and the sum has a fixed order, so a row's score does
+not depend on the other rows of its batch. Numpy only.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -38,6 +49,7 @@ import numpy as np
 from vae_artifact import complexity
 
 TAILS = ("upper", "lower", "two-sided")
+BEYOND = ("counts", "exponential")  # past the reference's extreme: stop at 1/(m + 1), or continue (docstring)
 PREFIX = "fisher-"  # kind names: fisher-<compressor>
 REFERENCE = ("Fisher 1932 (combining p-values, -sum ln p); Serrà et al. 2020 (input complexity); Nalisnick et al. "
              "2019 (typicality); Xiao et al. 2020 (likelihood regret: the encoder's fit to the input)")
@@ -75,17 +87,42 @@ def reference_p_values(reference: np.ndarray, values: np.ndarray, tail: str) -> 
     return lower if tail == "lower" else np.minimum(1.0, 2.0 * np.minimum(upper, lower))
 
 
+def tail_scale(reference: np.ndarray, side: str) -> float:
+    """The scale s of the exponential tail past the sorted ``reference``'s extreme on ``side`` (upper or lower):
+    the mean excess of its most extreme tenth (at least one value) over the value just inside them; the
+    reference's standard deviation where those excesses are all zero, 1.0 where it has no spread at all."""
+    m = len(reference)
+    if m < 2:
+        return 1.0
+    k = max(1, min(m - 1, math.ceil(m / 10)))
+    excess = reference[m - k:] - reference[m - k - 1] if side == "upper" else reference[k] - reference[:k]
+    scale = float(np.mean(excess))
+    if not scale > 0:
+        spread = float(np.std(reference))
+        scale = spread if spread > 0 else 1.0
+    return scale
+
+
 @dataclass(frozen=True)
 class Term:
     statistic: str
     tail: str
     reference: np.ndarray  # sorted ascending, the statistic's values on the reference (val) split
+    scales: Tuple[float, float] = field(init=False, repr=False, compare=False)  # tail_scale upper, lower
 
     def __post_init__(self) -> None:
         if self.tail not in TAILS:
             raise ValueError(f"tail must be one of {TAILS}, got {self.tail!r}")
         if self.reference.ndim != 1 or len(self.reference) < 1 or not np.isfinite(self.reference).all():
             raise ValueError(f"term {self.statistic!r}: the reference must be a non-empty list of finite numbers")
+        object.__setattr__(self, "scales", (tail_scale(self.reference, "upper"), tail_scale(self.reference, "lower")))
+
+    def beyond(self, values: np.ndarray) -> np.ndarray:
+        """-ln of the exponential tail's factor: excess / s past the reference's extreme on the term's tail
+        (either side for two-sided), 0 inside it."""
+        upper = np.maximum(0.0, values - self.reference[-1]) / self.scales[0]
+        lower = np.maximum(0.0, self.reference[0] - values) / self.scales[1]
+        return {"upper": upper, "lower": lower, "two-sided": upper + lower}[self.tail]
 
 
 @dataclass(frozen=True)
@@ -94,12 +131,18 @@ class Combination:
 
     compressor: str
     terms: Tuple[Term, ...]
+    beyond: str = "counts"  # an artifact that does not say: written before the tails existed
+
+    def __post_init__(self) -> None:
+        if self.beyond not in BEYOND:
+            raise ValueError(f"beyond must be one of {BEYOND}, got {self.beyond!r}")
 
     @classmethod
     def fit(cls, compressor: str, nll: np.ndarray, elbo: np.ndarray, bits: np.ndarray) -> "Combination":
         """The kind's terms with their references: ``nll``, ``elbo`` and ``bits`` of the reference (val) images."""
         stats = statistics(nll, elbo, bits, compressor)
-        return cls(compressor, tuple(Term(name, tail, np.sort(stats[name])) for name, tail in recipe(compressor)))
+        return cls(compressor, tuple(Term(name, tail, np.sort(stats[name])) for name, tail in recipe(compressor)),
+                   beyond="exponential")
 
     @classmethod
     def from_dict(cls, spec: Mapping) -> "Combination":
@@ -117,10 +160,10 @@ class Combination:
         if not terms or any(t.statistic not in known for t in terms):
             raise ValueError(f"combination terms must be some of {sorted(known)}, got "
                              f"{[t.statistic for t in terms]}")
-        return cls(compressor, tuple(terms))
+        return cls(compressor, tuple(terms), beyond=str(spec.get("beyond", "counts")))
 
     def to_dict(self) -> Dict:
-        return {"method": "fisher", "compressor": self.compressor, "reference_split": "val",
+        return {"method": "fisher", "compressor": self.compressor, "reference_split": "val", "beyond": self.beyond,
                 "terms": [{"statistic": t.statistic, "tail": t.tail, "n": len(t.reference),
                            "reference": [float(v) for v in t.reference]} for t in self.terms]}
 
@@ -132,14 +175,21 @@ class Combination:
     def scores(self, nll: np.ndarray, elbo: np.ndarray, bits: np.ndarray) -> np.ndarray:
         """-sum_i ln p_i per image (nats), float64 (N,); each row on its own (see the module docstring)."""
         p = self.term_p_values(nll, elbo, bits)
-        return np.array([-math.fsum(math.log(v) for v in row) for row in p.tolist()], dtype=np.float64)
+        if self.beyond == "counts":
+            return np.array([-math.fsum(math.log(v) for v in row) for row in p.tolist()], dtype=np.float64)
+        stats = statistics(nll, elbo, bits, self.compressor)
+        tails = np.stack([t.beyond(stats[t.statistic]) for t in self.terms], axis=1)
+        rows = zip(p.tolist(), tails.tolist())
+        return np.array([math.fsum([-math.log(v) for v in row] + extra) for row, extra in rows], dtype=np.float64)
 
 
 def describe(compressor: str) -> Dict:
     """The artifact's ``scoring.kinds[fisher-<c>]`` without its fitted combination."""
     terms = " + ".join(f"{name} ({tail})" for name, tail in recipe(compressor))
-    return {"formula": f"-sum ln p_i over reference p-values of {terms}; Fisher's method", "units": "nats",
+    return {"formula": f"-sum ln p_i over reference p-values of {terms}, each continued past the reference's "
+                       "extreme by an exponential tail; Fisher's method", "units": "nats",
             "complexity": complexity.describe(compressor), "reference": REFERENCE}
 
 
-__all__: Sequence[str] = ("Combination", "PREFIX", "Term", "describe", "recipe", "reference_p_values", "statistics")
+__all__: Sequence[str] = ("BEYOND", "Combination", "PREFIX", "Term", "describe", "recipe", "reference_p_values",
+                          "statistics", "tail_scale")
