@@ -50,7 +50,8 @@ def no_server_error(response, case) -> None:
     if status < 500:
         return
     headers = response.headers  # lower-case names, list values
-    code = response.json().get("error", {}).get("code") if "json" in str(headers.get("content-type")) else None
+    error = response.json().get("error") if "json" in str(headers.get("content-type")) else None
+    code = error.get("code") if isinstance(error, dict) else None  # /v2 (Open Inference Protocol): a string
     own_deadline = any(name.lower() == "x-request-timeout" for name in case.headers or {})
     expired = status == 504 and code == "deadline_exceeded" and own_deadline and not headers.get("retry-after")
     refused = status == 503 and code in REFUSALS and headers.get("retry-after")
