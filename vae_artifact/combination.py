@@ -117,7 +117,7 @@ class Term:
             raise ValueError(f"term {self.statistic!r}: the reference must be a non-empty list of finite numbers")
         object.__setattr__(self, "scales", (tail_scale(self.reference, "upper"), tail_scale(self.reference, "lower")))
 
-    def beyond(self, values: np.ndarray) -> np.ndarray:
+    def past_reference(self, values: np.ndarray) -> np.ndarray:
         """-ln of the exponential tail's factor: excess / s past the reference's extreme on the term's tail
         (either side for two-sided), 0 inside it."""
         upper = np.maximum(0.0, values - self.reference[-1]) / self.scales[0]
@@ -178,7 +178,7 @@ class Combination:
         if self.beyond == "counts":
             return np.array([-math.fsum(math.log(v) for v in row) for row in p.tolist()], dtype=np.float64)
         stats = statistics(nll, elbo, bits, self.compressor)
-        tails = np.stack([t.beyond(stats[t.statistic]) for t in self.terms], axis=1)
+        tails = np.stack([t.past_reference(stats[t.statistic]) for t in self.terms], axis=1)
         rows = zip(p.tolist(), tails.tolist())
         return np.array([math.fsum([-math.log(v) for v in row] + extra) for row, extra in rows], dtype=np.float64)
 
