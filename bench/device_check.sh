@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: the CUDA paths end to end and the side-by-side benchmark with every model on
 # the GPU. The machine has torch but no fastapi/uvicorn/pydantic and no network, so the call carries:
-#   .whl/      the service's and LitServe's wheels for its Python (bench/README.md: "On a GPU machine")
+#   .whl/      the service's and LitServe's wheels for its Python (bench/README.md, "On a GPU": how to make both)
 #   .devdata/  mnist/ (IDX files), bin/wrk and lib/libluajit-5.1.so.2 (wrk's one library the machine lacks)
 # Phases, each bounded and chosen with PHASES (default all): train on CUDA (digits, then MNIST 28x28; the others
 # need it), bench (the side-by-side benchmark), costs (bench.runtime_costs: the runtime over the model alone),
