@@ -9,9 +9,11 @@ service reads it. Importing this module does not import torch; the servers do, w
 """
 
 import io
+import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import numpy as np
 import orjson
@@ -125,3 +127,18 @@ def sample_body(pixels: np.ndarray, z: np.ndarray, seed: int) -> bytes:
 
 def split_rows(array: np.ndarray, sizes: Sequence[int]) -> List[np.ndarray]:
     return np.split(array, np.cumsum(sizes)[:-1])
+
+
+def median_ms(fn: Callable[[], object], calls: int, sync: Callable[[], None] = lambda: None, warm: int = 5) -> float:
+    """Median wall time of ``fn`` in ms over ``calls`` calls after ``warm`` unmeasured ones; ``sync`` waits for
+    queued device work (CUDA runs asynchronously) before each clock read."""
+    for _ in range(warm):
+        fn()
+    sync()
+    times = []
+    for _ in range(calls):
+        started = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - started)
+    return 1000.0 * statistics.median(times)

@@ -6,8 +6,6 @@ already on the device, with the copy back. No HTTP, no batcher. Medians of many 
 """
 
 import argparse
-import statistics
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,19 +13,6 @@ import torch
 
 from bench import common
 from service.runtime import ModelRuntime
-
-
-def median_ms(fn, calls: int, sync) -> float:
-    for _ in range(5):
-        fn()
-    sync()
-    times = []
-    for _ in range(calls):
-        started = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - started)
-    return 1000.0 * statistics.median(times)
 
 
 def main() -> None:
@@ -50,8 +35,8 @@ def main() -> None:
         for rows in (1, 4, 64, 256):
             images = rng.integers(0, 256, size=(rows, c, h, w), dtype=np.uint8)
             x = common.to_tensor(images, args.device)
-            alone = median_ms(lambda: [t.cpu() for t in module.encode(x)], args.calls, sync)
-            served = median_ms(lambda: runtime.encode(images), args.calls, sync)
+            alone = common.median_ms(lambda: [t.cpu() for t in module.encode(x)], args.calls, sync)
+            served = common.median_ms(lambda: runtime.encode(images), args.calls, sync)
             print(f"| {rows} | {alone:.3f} | {served:.3f} | {served - alone:+.3f} |")
 
 

@@ -8,25 +8,14 @@ than 2x the previous default (``nll-minus-bz2``) per request.
 """
 
 import argparse
-import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 
+from bench import common
 from bench.workloads import load_images
 from service import scoring
 from service.runtime import ModelRuntime
-
-
-def median_ms(fn, rounds: int) -> float:
-    fn()
-    times = []
-    for _ in range(rounds):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return 1000.0 * statistics.median(times)
 
 
 def main() -> None:
@@ -45,17 +34,18 @@ def main() -> None:
         parser.error(f"the model takes {runtime.info.channels}x{runtime.info.height}x{runtime.info.width} images; "
                      "--images gives 1x28x28")
     outputs = runtime.score(images, k)
-    model_ms = median_ms(lambda: runtime.score(images, k), args.rounds)
+    model_ms = common.median_ms(lambda: runtime.score(images, k), args.rounds)
     print(f"{args.rows} images per request, K={k}; the model's score call: {model_ms:.2f} ms "
           f"({model_ms / args.rows:.3f} ms per image)")
     print("| kind | compressor (ms) | formula and rows (ms) | request total (ms) | per image (ms) |")
     print("|---|---:|---:|---:|---:|")
     for name, kind in kinds.kinds.items():
-        bits_ms = median_ms(lambda: kinds.complexity_bits(kind, images), args.rounds)
+        bits_ms = common.median_ms(lambda: kinds.complexity_bits(kind, images), args.rounds)
         bits = kinds.complexity_bits(kind, images)
-        rows_ms = median_ms(lambda: scoring.score_rows(outputs, num_dims=runtime.info.num_dims,
-                                                       calibration=kind.calibration, alpha=0.01, tail="upper",
-                                                       k=k, complexity_bits=bits, kind=kind), args.rounds)
+        rows_ms = common.median_ms(lambda: scoring.score_rows(outputs, num_dims=runtime.info.num_dims,
+                                                              calibration=kind.calibration, alpha=0.01,
+                                                              tail="upper", k=k, complexity_bits=bits, kind=kind),
+                                   args.rounds)
         total = model_ms + bits_ms + rows_ms
         print(f"| {name} | {bits_ms:.3f} | {rows_ms:.3f} | {total:.2f} | {total / args.rows:.3f} |")
 
