@@ -1,5 +1,6 @@
 """/openapi.json as the running server sees it: FastAPI's document, built from the routes, plus the limits that
-only the settings and the loaded model know (the latent size, rows per request, n, steps, K, the score kinds).
+only the settings and the loaded model know (the latent size, rows per request, n, steps, K, the score kinds,
+strengths per edit).
 
 With them in the schemas, requests generated from the document (by a client library or a fuzzer) are the ones
 the server accepts, and one that violates the document is one the server refuses.
@@ -11,6 +12,7 @@ from typing import Iterable, List
 from fastapi import FastAPI
 
 from service.config import Settings
+from service.schemas import MAX_STRENGTHS
 
 
 def install(app: FastAPI) -> None:
@@ -47,15 +49,34 @@ def constrain(document: dict, settings: Settings, latent_dim: int, score_kinds: 
         _files(post[path]).update(rows)
     _query(post["/anomaly-score"], "k")["anyOf"][0]["maximum"] = settings.max_k
     _query(post["/anomaly-score"], "score")["anyOf"][0]["enum"] = sorted(score_kinds)
+
+    # /edit: rows and vectors as above, at most MAX_STRENGTHS strengths (more: 413), and inputs x strengths
+    # decoded images within max_rows, which a schema cannot say (413 too).
+    edit = _json(post["/edit"])["properties"]
+    edit["images"]["anyOf"][0].update(rows)
+    edit["z"]["anyOf"][0].update(rows)
+    edit["z"]["anyOf"][0]["items"].update(vector)
+    edit["vector"]["anyOf"][0].update(vector)
+    edit["strengths"]["maxItems"] = MAX_STRENGTHS
+    _files(post["/edit"]).update(rows)
+    _query(post["/edit"], "strength")["anyOf"][0]["maxItems"] = MAX_STRENGTHS
+    # /directions/compute: the two groups together at most max_rows, so each at most max_rows - 1.
+    for media in ("application/json", "multipart/form-data"):
+        for group in _schema(post["/directions/compute"], media)["properties"].values():
+            group["maxItems"] = max(1, settings.max_rows - 1)
     return doc
 
 
+def _schema(operation: dict, media: str) -> dict:
+    return operation["requestBody"]["content"][media]["schema"]
+
+
 def _json(operation: dict) -> dict:
-    return operation["requestBody"]["content"]["application/json"]["schema"]
+    return _schema(operation, "application/json")
 
 
 def _files(operation: dict) -> dict:
-    return operation["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]["file"]
+    return _schema(operation, "multipart/form-data")["properties"]["file"]
 
 
 def _query(operation: dict, name: str) -> dict:

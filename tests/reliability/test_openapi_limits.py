@@ -3,6 +3,7 @@
 one just past it is refused with a 4xx. (test_schemathesis.py fuzzes the whole document; this is the fast part.)
 """
 
+import base64
 import io
 
 import numpy as np
@@ -66,6 +67,14 @@ def test_the_document_states_the_limits(doc, model):
     assert query(doc, "/anomaly-score", "k")["anyOf"][0]["maximum"] == LIMITS["max_k"]
     kinds = sorted(model["metadata"]["scoring"]["kinds"])
     assert query(doc, "/anomaly-score", "score")["anyOf"][0]["enum"] == kinds
+    edit = body(doc, "/edit")["properties"]
+    assert edit["images"]["anyOf"][0]["maxItems"] == edit["z"]["anyOf"][0]["maxItems"] == LIMITS["max_rows"]
+    assert edit["z"]["anyOf"][0]["items"]["maxItems"] == edit["vector"]["anyOf"][0]["maxItems"] == d
+    assert edit["strengths"]["maxItems"] == query(doc, "/edit", "strength")["anyOf"][0]["maxItems"] == 16
+    assert body(doc, "/edit", "multipart/form-data")["properties"]["file"]["maxItems"] == LIMITS["max_rows"]
+    for media in ("application/json", "multipart/form-data"):
+        groups = body(doc, "/directions/compute", media)["properties"]
+        assert groups["positive"]["maxItems"] == groups["negative"]["maxItems"] == LIMITS["max_rows"] - 1
 
 
 def test_at_each_limit_served_and_past_it_refused(client, model):
@@ -91,6 +100,14 @@ def test_at_each_limit_served_and_past_it_refused(client, model):
         assert status("POST", f"/anomaly-score?k={LIMITS['max_k']}&score={kind}", **files) == 200
     assert status("POST", f"/anomaly-score?k={LIMITS['max_k'] + 1}", **files) == 413
     assert status("POST", "/anomaly-score?score=no-such-kind", **files) == 422
+    z = [[0.0] * d]
+    assert status("POST", "/edit", json={"z": z, "vector": [1.0] * d, "strengths": [0.5] * 12}) == 200
+    assert status("POST", "/edit", json={"z": z, "vector": [1.0] * d, "strengths": [0.5] * 17}) == 413
+    assert status("POST", "/edit", json={"z": z, "vector": [1.0] * (d + 1)}) == 422
+    assert status("POST", "/edit", json={"z": z * 3, "vector": [1.0] * d, "strengths": [0.5] * 5}) == 413  # 15 > 12
+    groups = {"positive": [base64.b64encode(image).decode()] * (rows - 1)}
+    assert status("POST", "/directions/compute", json={**groups, "negative": groups["positive"][:1]}) == 200
+    assert status("POST", "/directions/compute", json={**groups, "negative": groups["positive"][:2]}) == 413
 
 
 @pytest.mark.parametrize("angle", [np.pi / 2, np.pi - 2e-6])
