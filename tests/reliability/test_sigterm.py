@@ -33,6 +33,7 @@ from loadgen import Request, closed_loop, open_loop, session, status_counts
 pytestmark = pytest.mark.slow
 
 GRACE_S = 10.0
+SIGNAL_DELIVERY_S = 0.05  # from the test's send_signal to the server acting on it (below)
 
 
 def _one_image() -> bytes:
@@ -72,8 +73,12 @@ def test_sigterm_under_load_drops_no_accepted_request(digits_artifact: Path, tmp
         log = server.log_text()
 
     outcomes = result.outcomes
+    # The signal takes a moment to reach the server (with 2 processes the supervisor passes it on): a request
+    # written in that moment may still be accepted, and then it must be served. Only requests sent before the
+    # signal or well after it are held to one outcome (seen: one sent 0.0 ms after the signal, served 200).
     before = [o for o in outcomes if o.sent < signalled_at]
-    after = [o for o in outcomes if o.sent >= signalled_at]
+    in_transit = [o for o in outcomes if signalled_at <= o.sent < signalled_at + SIGNAL_DELIVERY_S]
+    after = [o for o in outcomes if o.sent >= signalled_at + SIGNAL_DELIVERY_S]
     finished_in_drain = [o for o in before if o.status == 200 and o.sent + o.latency > signalled_at]
     print(f"\nsigterm: exit {code} after {exited_after:.2f} s; sent before {status_counts(before)}, "
           f"after {status_counts(after)}; {len(finished_in_drain)} accepted requests finished during the drain")
@@ -85,6 +90,7 @@ def test_sigterm_under_load_drops_no_accepted_request(digits_artifact: Path, tmp
         return o.error in ("ClientOSError", "ServerDisconnectedError")
 
     dropped = [o for o in before if not (o.status == 200 or refused(o))]
+    dropped += [o for o in in_transit if not (o.status == 200 or refused(o) or unread(o))]
     dropped += [o for o in after if not (refused(o) or unread(o))]
     assert not dropped, [(round(o.sent - signalled_at, 3), o.status, o.code, o.error) for o in dropped[:20]]
     assert not any(o.status == 200 for o in after), "a request sent after SIGTERM was served"
