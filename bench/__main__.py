@@ -85,8 +85,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         workloads=args.workloads, open_loop_s=args.open_loop, cold_starts=args.cold_starts,
         cold_start_model=args.cold_start_model.resolve() if args.cold_start_model else None,
         profile_s=args.profile, lit_fast_queue=args.lit_fast_queue, batch_delay_ms=args.batch_delay_ms,
-        lit_workers=args.lit_workers, processes=args.processes, device=args.device, rounds=args.rounds, variants=variants,
-        inprocess_s=args.duration,
+        lit_workers=args.lit_workers, processes=args.processes, device=args.device, rounds=args.rounds,
+        variants=variants, inprocess_s=args.duration,
     )
     results = runner.run(opts)
     print((args.out / "results.md").read_text())

@@ -118,8 +118,7 @@ def main() -> None:
     api = VAEAPI(args.model, args.api, args.threads, args.stats, max_batch_size=args.max_batch_size,
                  batch_timeout=args.batch_timeout_ms / 1000.0)
     server = ls.LitServer(api, accelerator=args.accelerator, workers_per_device=args.workers,
-                          healthcheck_path="/readyz",
-                          fast_queue=args.fast_queue, timeout=60)
+                          healthcheck_path="/readyz", fast_queue=args.fast_queue, timeout=60)
     server.run(host="127.0.0.1", port=args.port, num_api_servers=1, log_level="warning",
                generate_client_file=False, access_log=False)
 

@@ -82,8 +82,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     args = parser.parse_args()
-    uvicorn.run(create_app(args.model, args.threads, args.device), host="127.0.0.1", port=args.port, log_level="warning",
-                access_log=False)
+    uvicorn.run(create_app(args.model, args.threads, args.device), host="127.0.0.1", port=args.port,
+                log_level="warning", access_log=False)
 
 
 if __name__ == "__main__":
