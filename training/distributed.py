@@ -60,7 +60,17 @@ def setup(device: str = "auto") -> DistContext:
     return ctx
 
 
+def finish(ctx: DistContext) -> None:
+    """After training, on every rank: wait for the others, then leave the process group together. Rank 0 then
+    evaluates and exports alone. A rank that destroyed its gloo group while rank 0 still held its end was
+    seen to abort at exit ("terminate called without an active exception", 1 run of a CI suite)."""
+    if ctx.enabled and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def cleanup(ctx: DistContext) -> None:
+    """On any exit (also a failed rank's): leave the process group if still in it, waiting for nobody."""
     if ctx.enabled and dist.is_initialized():
         dist.destroy_process_group()
 
