@@ -167,17 +167,12 @@ class Combination:
                 "terms": [{"statistic": t.statistic, "tail": t.tail, "n": len(t.reference),
                            "reference": [float(v) for v in t.reference]} for t in self.terms]}
 
-    def term_p_values(self, nll: np.ndarray, elbo: np.ndarray, bits: np.ndarray) -> np.ndarray:
-        """(N, terms) reference p-values of each image's statistics."""
-        stats = statistics(nll, elbo, bits, self.compressor)
-        return np.stack([reference_p_values(t.reference, stats[t.statistic], t.tail) for t in self.terms], axis=1)
-
     def scores(self, nll: np.ndarray, elbo: np.ndarray, bits: np.ndarray) -> np.ndarray:
         """-sum_i ln p_i per image (nats), float64 (N,); each row on its own (see the module docstring)."""
-        p = self.term_p_values(nll, elbo, bits)
+        stats = statistics(nll, elbo, bits, self.compressor)
+        p = np.stack([reference_p_values(t.reference, stats[t.statistic], t.tail) for t in self.terms], axis=1)
         if self.beyond == "counts":
             return np.array([-math.fsum(math.log(v) for v in row) for row in p.tolist()], dtype=np.float64)
-        stats = statistics(nll, elbo, bits, self.compressor)
         tails = np.stack([t.past_reference(stats[t.statistic]) for t in self.terms], axis=1)
         rows = zip(p.tolist(), tails.tolist())
         return np.array([math.fsum([-math.log(v) for v in row] + extra) for row, extra in rows], dtype=np.float64)
