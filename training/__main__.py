@@ -185,7 +185,7 @@ def run(args: argparse.Namespace, ctx: distributed.DistContext) -> Optional[Dict
     progress = not args.quiet and sys.stderr.isatty()
     result = trainer.train(vae, ds.train, val, ds.levels, config, ctx, val_levels=eval_levels,
                            checkpoint_path=args.out.with_suffix(".ckpt"), resume=resume, progress=progress)
-    distributed.finish(ctx)
+    distributed.cleanup(ctx, together=True)
     if not ctx.is_main:
         return None
 

@@ -60,18 +60,14 @@ def setup(device: str = "auto") -> DistContext:
     return ctx
 
 
-def finish(ctx: DistContext) -> None:
-    """After training, on every rank: wait for the others, then leave the process group together. Rank 0 then
-    evaluates and exports alone. A rank that destroyed its gloo group while rank 0 still held its end was
-    seen to abort at exit ("terminate called without an active exception", 1 run of a CI suite)."""
+def cleanup(ctx: DistContext, *, together: bool = False) -> None:
+    """Leave the process group if still in it. ``together`` (after training, on every rank): wait for the
+    others first, so all leave at once and rank 0 then evaluates and exports alone; a rank that destroyed its
+    gloo group while rank 0 still held its end was seen to abort at exit ("terminate called without an active
+    exception", 1 run of a CI suite). Without it (any exit, also a failed rank's) it waits for nobody."""
     if ctx.enabled and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def cleanup(ctx: DistContext) -> None:
-    """On any exit (also a failed rank's): leave the process group if still in it, waiting for nobody."""
-    if ctx.enabled and dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
 
 
