@@ -92,3 +92,26 @@ def test_iw_bound_with_one_sample_is_the_log_weight_and_grows_with_equal_weights
 
 def test_bits_per_dim():
     assert objectives.bits_per_dim(64 * math.log(2.0), 64) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("levels", [2, 17, 256])
+def test_discretized_logistic_mixture_is_the_weighted_sum_of_its_components(levels):
+    """Per pixel, P(x) = sum_m w_m P_m(x) with w = softmax(logits), computed independently in float64 from the
+    single-logistic function; the mixture's bin probabilities sum to one; one component is the single logistic."""
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randint(0, levels, (2, 1, 3, 3), generator=gen).double() / (levels - 1))
+    logits, loc = torch.randn(2, 3, 1, 3, 3, generator=gen).double(), torch.rand(2, 3, 1, 3, 3, generator=gen).double()
+    log_scale = torch.randn(2, 3, 1, 3, 3, generator=gen).double() * 2 - 2
+    got = objectives.discretized_logistic_mixture_log_prob(x, logits, loc, log_scale, levels)
+    weights = torch.softmax(logits, dim=1)
+    per_pixel = sum(weights[:, m] * objectives.discretized_logistic_log_probs(x, loc[:, m], log_scale[:, m],
+                                                                              levels).exp() for m in range(3))
+    assert torch.allclose(got, per_pixel.log().flatten(1).sum(dim=1), rtol=1e-10)
+
+    grid = (torch.arange(levels, dtype=torch.float64) / (levels - 1)).view(levels, 1, 1, 1)
+    one = lambda t: t[:1, :, :1, :1, :1].expand(levels, 3, 1, 1, 1)  # noqa: E731  one pixel's mixture, every level
+    log_p = objectives.discretized_logistic_mixture_log_prob(grid, one(logits), one(loc), one(log_scale), levels)
+    assert torch.logsumexp(log_p, dim=0).exp().item() == pytest.approx(1.0, abs=1e-9)
+
+    single = objectives.discretized_logistic_mixture_log_prob(x, logits[:, :1], loc[:, :1], log_scale[:, :1], levels)
+    assert torch.allclose(single, objectives.discretized_logistic_log_prob(x, loc[:, 0], log_scale[:, 0], levels))

@@ -53,6 +53,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     model.add_argument("--arch", choices=("auto", *ARCHS), default="auto",
                        help="conv layout: full (3x3 layers at full resolution) or lean (none there: several times "
                             "the images/s); auto: lean when both sides are >= 16 (28x28, 32x32, ...), else full")
+    model.add_argument("--mixture", type=_positive_int, default=VAEConfig.mixture, metavar="M",
+                       help="p(x|z) per pixel: a mixture of M discretised logistics (1: one logistic); "
+                            "not with --binarize")
     model.add_argument("--prior", choices=priors.PRIORS, default="standard",
                        help="p(z): standard = N(0, I); vamp = the VampPrior, a mixture of the encoder's posteriors "
                             "at learned pseudo-inputs (Tomczak & Welling 2018)")
@@ -88,6 +91,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ev.add_argument("--no-report", action="store_true", help="skip report.json and the figures")
     ev.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     args = p.parse_args(argv)
+    if args.mixture > 1 and args.binarize:
+        p.error("--mixture is a mixture of discretised logistics; --binarize uses a Bernoulli likelihood")
     if args.pseudo_inputs is not None and args.prior != "vamp":
         p.error(f"--pseudo-inputs needs --prior vamp (the {args.prior} prior has no pseudo-inputs)")
     if args.prior == "vamp":
@@ -143,8 +148,7 @@ def model_config(args: argparse.Namespace, ds: Dataset, resume: Optional[Dict]) 
     return VAEConfig(channels=ds.channels, height=ds.height, width=ds.width, latent_dim=args.latent_dim,
                      base_width=args.base_width, likelihood="bernoulli" if args.binarize else "logistic",
                      levels=2 if args.binarize else ds.levels, arch=architecture(args.arch, ds.height, ds.width),
-                     prior=args.prior,
-                     pseudo_inputs=args.pseudo_inputs or 0)
+                     prior=args.prior, pseudo_inputs=args.pseudo_inputs or 0, mixture=args.mixture)
 
 
 def architecture(choice: str, height: int, width: int) -> str:

@@ -3,7 +3,8 @@
 q(z|x) is a diagonal Gaussian (mean and log-variance from the encoder), p(z) is N(0, I) or the VampPrior
 (``training.priors``: a mixture of the encoder's posteriors at learned pseudo-inputs), and p(x|z) is
 either a Bernoulli (binarised data) or a logistic discretised into the data's pixel levels (8-bit or
-fewer), so every likelihood the model reports is a true discrete NLL. The encoder halves the image with
+fewer), or a mixture of such logistics per pixel (``mixture``), so every likelihood the model reports is a
+true discrete NLL. The encoder halves the image with
 strided convolutions while the side stays even and at least 8 (28 -> 14 -> 7, 32 -> ... -> 4, 8 -> 4);
 the decoder mirrors it with transposed convolutions, so any such shape round-trips exactly.
 
@@ -39,6 +40,7 @@ class VAEConfig:
     prior: str = "standard"  # "standard" (N(0, I)) or "vamp" (Tomczak & Welling 2018)
     pseudo_inputs: int = 0  # the VampPrior's mixture components; 0 with the standard prior
     arch: str = "full"  # "full" or "lean" (module docstring); "full" is what configs from before the choice mean
+    mixture: int = 1  # discretised logistics per pixel: 1, or a mixture of this many (logistic likelihood only)
 
     def __post_init__(self) -> None:
         if self.channels not in (1, 3):
@@ -54,6 +56,8 @@ class VAEConfig:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}")
         if not 2 <= self.levels <= 65536:
             raise ValueError(f"levels must be in [2, 65536], got {self.levels}")
+        if self.mixture < 1 or (self.mixture > 1 and self.likelihood != "logistic"):
+            raise ValueError(f"mixture must be >= 1, and 1 with the {self.likelihood} likelihood; got {self.mixture}")
         if self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
         if self.arch == "lean" and not downsampling_plan(self.height, self.width):
@@ -118,7 +122,7 @@ class Decoder(nn.Module):
         super().__init__()
         steps = downsampling_plan(config.height, config.width)
         widths = layer_widths(config)
-        params_per_pixel = 1 if config.likelihood == "bernoulli" else 2
+        params_per_pixel = params_per_pixel_of(config)
         if config.arch == "lean":  # the last transposed convolution writes p(x|z)'s parameters
             widths = [params_per_pixel * config.channels] + widths
         h, w = steps[-1] if steps else (config.height, config.width)
@@ -150,6 +154,7 @@ class VAE(nn.Module):
         self.likelihood = config.likelihood
         self.levels = config.levels
         self.channels = config.channels
+        self.mixture = config.mixture
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
         # None with the standard prior: TorchScript then compiles only the N(0, I) branches below.
@@ -164,7 +169,8 @@ class VAE(nn.Module):
         return mu + eps * torch.exp(0.5 * logvar)
 
     def decode_params(self, z: Tensor) -> Tensor:
-        """Parameters of p(x|z): logits (B, C, H, W), or loc and log-scale stacked on channels (B, 2C, H, W)."""
+        """Parameters of p(x|z): logits (B, C, H, W), or loc and log-scale stacked on channels (B, 2C, H, W), or
+        with a mixture of M logistics, weight logits, locs and log-scales (B, 3MC, H, W)."""
         return self.decoder(z)
 
     def log_px_z(self, x: Tensor, params: Tensor) -> Tensor:
@@ -172,6 +178,9 @@ class VAE(nn.Module):
         params = params.float()  # under CUDA autocast the decoder hands out bf16/fp16; sum in float32
         if self.likelihood == "bernoulli":
             return objectives.bernoulli_log_prob(x, params)
+        if self.mixture > 1:
+            logit_weights, loc, log_scale = self._mixture_params(params)
+            return objectives.discretized_logistic_mixture_log_prob(x, logit_weights, loc, log_scale, self.levels)
         loc, log_scale = self._logistic_params(params)
         return objectives.discretized_logistic_log_prob(x, loc, log_scale, self.levels)
 
@@ -179,6 +188,9 @@ class VAE(nn.Module):
         """Pixel means in [0, 1] from decoder parameters."""
         if self.likelihood == "bernoulli":
             return torch.sigmoid(params)
+        if self.mixture > 1:  # the weighted mean of the components' locations
+            logit_weights, loc, _ = self._mixture_params(params)
+            return (torch.softmax(logit_weights, dim=1) * loc).sum(dim=1)
         loc, _ = self._logistic_params(params)
         return loc
 
@@ -259,6 +271,20 @@ class VAE(nn.Module):
         # A sigmoid keeps the location inside [0, 1]; the edge bins still reach the extremes exactly.
         # The floor on the log-scale stops a single pixel from claiming unbounded density.
         return torch.sigmoid(raw_loc), torch.clamp(raw_log_scale, min=-7.0)
+
+    def _mixture_params(self, params: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """(B, 3MC, H, W) -> weight logits, locations in [0, 1], floored log-scales, each (B, M, C, H, W)."""
+        b, h, w = params.shape[0], params.shape[2], params.shape[3]
+        logit_weights, raw_loc, raw_log_scale = params.view(b, 3, self.mixture, self.channels, h, w).unbind(1)
+        return logit_weights, torch.sigmoid(raw_loc), torch.clamp(raw_log_scale, min=-7.0)
+
+
+def params_per_pixel_of(config: VAEConfig) -> int:
+    """Decoder outputs per pixel and channel: a logit (Bernoulli), loc and log-scale (one logistic), or a
+    weight logit, loc and log-scale per component (a mixture)."""
+    if config.likelihood == "bernoulli":
+        return 1
+    return 2 if config.mixture == 1 else 3 * config.mixture
 
 
 def num_parameters(model: nn.Module) -> int:

@@ -48,6 +48,21 @@ def discretized_logistic_log_prob(x: Tensor, loc: Tensor, log_scale: Tensor, lev
     probabilities of all bins sum to one and the result is a true discrete log-likelihood — the one
     PixelCNN++ (Salimans et al. 2017) uses, here for `levels` bins instead of 256.
     """
+    return discretized_logistic_log_probs(x, loc, log_scale, levels).flatten(1).sum(dim=1)
+
+
+def discretized_logistic_mixture_log_prob(x: Tensor, logit_weights: Tensor, loc: Tensor, log_scale: Tensor,
+                                          levels: int) -> Tensor:
+    """log P(x) per pixel under a mixture of M discretised logistics, summed -> (B,). x: (B, C, H, W);
+    logit_weights, loc, log_scale: (B, M, C, H, W). Each pixel has its own mixture (PixelCNN++'s likelihood
+    without the coupling between colour channels); the pixels are independent given z."""
+    log_probs = discretized_logistic_log_probs(x.unsqueeze(1), loc, log_scale, levels)  # (B, M, C, H, W)
+    mixed = torch.logsumexp(log_probs + F.log_softmax(logit_weights, dim=1), dim=1)
+    return mixed.flatten(1).sum(dim=1)
+
+
+def discretized_logistic_log_probs(x: Tensor, loc: Tensor, log_scale: Tensor, levels: int) -> Tensor:
+    """The bin log-probabilities of :func:`discretized_logistic_log_prob`, per element (broadcast shape)."""
     half_bin = 0.5 / (levels - 1)
     inv_scale = torch.exp(-log_scale)
     centered = x - loc
@@ -62,8 +77,7 @@ def discretized_logistic_log_prob(x: Tensor, loc: Tensor, log_scale: Tensor, lev
     log_pdf_mid = mid_in - log_scale - 2.0 * F.softplus(mid_in)
     mid = torch.where(cdf_plus - cdf_minus > 1e-5, mid, log_pdf_mid + math.log(2.0 * half_bin))
     eps = 1e-3 * half_bin
-    log_prob = torch.where(x < eps, log_cdf_plus, torch.where(x > 1.0 - eps, log_one_minus_cdf_minus, mid))
-    return log_prob.flatten(1).sum(dim=1)
+    return torch.where(x < eps, log_cdf_plus, torch.where(x > 1.0 - eps, log_one_minus_cdf_minus, mid))
 
 
 def beta_vae_loss(rec: Tensor, kl_dims: Tensor, beta: float, free_bits: float) -> Tensor:
