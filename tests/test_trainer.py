@@ -103,6 +103,35 @@ def test_early_stopping_restores_the_best_epoch(digits_dataset):
     assert again["elbo"] == pytest.approx(best_row["val_elbo"], abs=1e-3)
 
 
+def overfitting_run(dataset, epochs: int, **kwargs):
+    """The full-size model on 32 images at a high learning rate: validation stops improving within a few epochs."""
+    torch.manual_seed(0)
+    vae = VAE(VAEConfig(channels=1, height=8, width=8, levels=17))
+    config = trainer.TrainConfig(epochs=epochs, batch_size=16, lr=1e-2, patience=0, lr_patience=2)
+    return vae, trainer.train(vae, subset(dataset.train, 32), subset(dataset.val, 64), dataset.levels, config, CPU,
+                              **kwargs)
+
+
+def test_the_learning_rate_halves_after_lr_patience_epochs_without_progress_and_resumes(digits_dataset, tmp_path):
+    full, result = overfitting_run(digits_dataset, 12)
+    rates = [row["lr"] for row in result.history]
+    assert rates[0] == 1e-2 and min(rates) < 1e-2, rates
+    best, best_epoch, last_change = float("-inf"), 0, 0
+    for before, row in zip(result.history, result.history[1:]):  # each halving: 2 epochs without a better ELBO
+        if before["val_elbo"] > best:
+            best, best_epoch = before["val_elbo"], before["epoch"]
+        due = before["epoch"] - max(best_epoch, last_change) >= 2
+        assert row["lr"] == (before["lr"] / 2 if due else before["lr"]), (before, row)
+        last_change = before["epoch"] if due else last_change
+    # Stopped after a halving and resumed: the same rates and weights as the run that never stopped.
+    halved_after = next(r["epoch"] for r, nxt in zip(result.history, result.history[1:]) if nxt["lr"] < r["lr"])
+    overfitting_run(digits_dataset, halved_after, checkpoint_path=tmp_path / "part.ckpt")
+    resumed, again = overfitting_run(digits_dataset, 12, resume=trainer.load_checkpoint(tmp_path / "part.ckpt"))
+    assert [row["lr"] for row in again.history] == rates
+    for (name, ta), tb in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(ta, tb), name
+
+
 def test_minimal_cli_writes_artifact_report_and_figures(tmp_path, capsys):
     out = tmp_path / "run" / "vae.ts"
     assert main(["--data", "digits", "--epochs", "2", "--out", str(out)]) == 0

@@ -73,6 +73,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     opt.add_argument("--epochs", type=_positive_int, default=defaults.epochs, help="at most (early stopping)")
     opt.add_argument("--patience", type=int, default=defaults.patience,
                      help="stop after this many epochs without a better validation ELBO (0: never)")
+    opt.add_argument("--lr-patience", type=int, default=defaults.lr_patience, metavar="N",
+                     help="halve the learning rate after N epochs without a better validation ELBO (0: constant)")
     opt.add_argument("--seed", type=int, default=defaults.seed, help="weights init, shuffling and noise")
     opt.add_argument("--device", choices=distributed.DEVICES, default="auto", help="auto: cuda if available")
     opt.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
@@ -134,6 +136,7 @@ def train_config(args: argparse.Namespace) -> trainer.TrainConfig:
     return trainer.TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                weight_decay=args.weight_decay, beta=args.beta, kl_warmup=args.kl_warmup,
                                free_bits=args.free_bits, grad_clip=args.grad_clip, patience=args.patience,
+                               lr_patience=args.lr_patience,
                                seed=args.seed, binarize=args.binarize, amp=not args.no_amp,
                                compile=args.compile)
 

@@ -44,6 +44,7 @@ class TrainConfig:
     free_bits: float = 0.0  # nats per latent dim below which KL is not penalised
     grad_clip: float = 100.0  # the loss is nats per image (a sum over pixels), so norms of 10-100 are normal
     patience: int = 10  # epochs without a better validation ELBO before stopping; 0 disables
+    lr_patience: int = 0  # halve the learning rate after this many epochs without a better validation ELBO; 0: never
     seed: int = 0
     binarize: bool = False  # dynamic binarisation: a fresh Bernoulli draw of every training batch
     amp: bool = True  # bf16 (or fp16 + GradScaler) autocast; only ever used on CUDA
@@ -52,9 +53,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
-        if not self.lr > 0 or self.beta < 0 or self.kl_warmup < 0 or self.free_bits < 0 or self.patience < 0:
+        if not self.lr > 0 or self.beta < 0 or self.kl_warmup < 0 or self.free_bits < 0 or self.patience < 0 \
+                or self.lr_patience < 0:
             raise ValueError(f"invalid hyperparameters: lr={self.lr}, beta={self.beta}, kl_warmup="
-                             f"{self.kl_warmup}, free_bits={self.free_bits}, patience={self.patience}")
+                             f"{self.kl_warmup}, free_bits={self.free_bits}, patience={self.patience}, "
+                             f"lr_patience={self.lr_patience}")
 
 
 @dataclass
@@ -242,6 +245,7 @@ def train(vae: VAE, train_split: Split, val_split: Split, levels: int, config: T
     loader, sampler = make_train_loader(train_split, levels, config.batch_size, config.seed, ctx)
     progress = ctx.is_main and (sys.stderr.isatty() if progress is None else progress)
     epoch, rates = start_epoch, []
+    last_decay = _last_lr_change(result.history, optimizer.param_groups[0]["lr"])
     for epoch in range(start_epoch, config.epochs):
         if config.patience and epoch - best["epoch"] >= config.patience:
             log.info("early stop: no better validation ELBO since epoch %d", best["epoch"])
@@ -256,6 +260,7 @@ def train(vae: VAE, train_split: Split, val_split: Split, levels: int, config: T
         val_m = validate(vae, val_split, val_levels or levels, device, ctx, max(config.batch_size, 256))
         rates.append(train_m["images_per_s"])  # a timing, like time_s: kept out of the (reproducible) history
         row = {"epoch": epoch + 1, "kl_weight": train_m["kl_weight"], "time_s": time.perf_counter() - t0,
+               "lr": optimizer.param_groups[0]["lr"],
                **{f"train_{k}": train_m[k] for k in ("loss", "rec", "kl", "elbo")},
                **{f"val_{k}": val_m[k] for k in ("loss", "rec", "kl", "elbo")}}
         result.history.append(row)
@@ -266,6 +271,12 @@ def train(vae: VAE, train_split: Split, val_split: Split, levels: int, config: T
         log.info("epoch %d/%d  train loss %.3f (rec %.3f, kl %.3f, w %.2f)  val ELBO %.3f%s  %.1fs (%.0f images/s)",
                  epoch + 1, config.epochs, row["train_loss"], row["train_rec"], row["train_kl"], row["kl_weight"],
                  row["val_elbo"], " *" if improved else "", row["time_s"], rates[-1])
+        if config.lr_patience and epoch + 1 - max(best["epoch"], last_decay) >= config.lr_patience:
+            for group in optimizer.param_groups:
+                group["lr"] *= 0.5
+            last_decay = epoch + 1
+            log.info("learning rate halved to %.3g: no better validation ELBO since epoch %d", row["lr"] * 0.5,
+                     best["epoch"])
         if ctx.is_main and checkpoint_path is not None:
             save_checkpoint(checkpoint_path, vae, optimizer, scaler, config, epoch + 1, best, result.history)
     else:
@@ -277,6 +288,16 @@ def train(vae: VAE, train_split: Split, val_split: Split, levels: int, config: T
     result.wall_time_s = sum(row["time_s"] for row in result.history)
     result.images_per_s = sum(rates) / len(rates) if rates else 0.0
     return result
+
+
+def _last_lr_change(history: List[Dict[str, float]], lr_now: float) -> int:
+    """The last epoch after which the learning rate was halved (0: never), from a resumed run's history (each
+    row holds the rate its epoch ran at) and the optimizer's rate now (a halving after the last row is only
+    there). Rows from before ``lr`` was recorded count as unchanged."""
+    rates = [(row["epoch"], row.get("lr")) for row in history] + [(len(history) + 1, lr_now)]
+    changed = [epoch - 1 for (_, before), (epoch, after) in zip(rates, rates[1:])
+               if before is not None and after is not None and after != before]
+    return changed[-1] if changed else 0
 
 
 def _global_means(metrics: Dict[str, float], ctx: DistContext) -> Dict[str, float]:
