@@ -4,9 +4,9 @@ q(z|x) is a diagonal Gaussian (mean and log-variance from the encoder), p(z) is 
 (``training.priors``: a mixture of the encoder's posteriors at learned pseudo-inputs), and p(x|z) is
 either a Bernoulli (binarised data) or a logistic discretised into the data's pixel levels (8-bit or
 fewer), or a mixture of such logistics per pixel (``mixture``), so every likelihood the model reports is a
-true discrete NLL. The encoder halves the image with
-strided convolutions while the side stays even and at least 8 (28 -> 14 -> 7, 32 -> ... -> 4, 8 -> 4);
-the decoder mirrors it with transposed convolutions, so any such shape round-trips exactly.
+true discrete NLL. The encoder halves the image with strided convolutions while the side stays even and at
+least 8 (28 -> 14 -> 7, 32 -> ... -> 4, 8 -> 4); the decoder mirrors it with transposed convolutions, so any
+such shape round-trips exactly.
 
 Two layouts (``VAEConfig.arch``). ``full``: a 3x3 convolution at full resolution before the first stride-2
 step and after the last transposed one (the only layout before there was a choice, so configs without
