@@ -57,7 +57,8 @@ class VAEConfig:
         if not 2 <= self.levels <= 65536:
             raise ValueError(f"levels must be in [2, 65536], got {self.levels}")
         if self.mixture < 1 or (self.mixture > 1 and self.likelihood != "logistic"):
-            raise ValueError(f"mixture must be >= 1, and 1 with the {self.likelihood} likelihood; got {self.mixture}")
+            raise ValueError(f"mixture must be >= 1, and 1 with the {self.likelihood} likelihood; "
+                             f"got {self.mixture}")
         if self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
         if self.arch == "lean" and not downsampling_plan(self.height, self.width):

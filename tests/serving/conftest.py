@@ -2,7 +2,9 @@
 
 import io
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -27,6 +29,23 @@ def wait_ready(client: TestClient, timeout: float = 60.0) -> None:
 def variant(settings: Settings, **changes) -> Settings:
     """The same settings with some changed, validated like any other (model_copy would skip validation)."""
     return Settings(**{**settings.model_dump(), **changes})
+
+
+def train_artifact(tmp_path_factory: pytest.TempPathFactory, name: str, args: list) -> Path:
+    """A vae.ts trained through the real training CLI with ``args`` (on CPU: pass ``--device cpu``)."""
+    from training.__main__ import main
+
+    out = tmp_path_factory.mktemp(name) / "vae.ts"
+    assert main([*args, "--out", str(out)]) == 0
+    return out
+
+
+@contextmanager
+def serving(settings: Settings, model_path: Path) -> Iterator[TestClient]:
+    """The app on another artifact with the same settings, started (lifespan run) and warm."""
+    with TestClient(create_app(variant(settings, model_path=model_path))) as client:
+        wait_ready(client)
+        yield client
 
 
 def png(image: np.ndarray) -> bytes:

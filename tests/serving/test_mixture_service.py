@@ -8,10 +8,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from fastapi.testclient import TestClient
 
-from conftest import SERVED_DEVICE, variant, wait_ready
-from service.app import create_app
+from conftest import SERVED_DEVICE, serving, train_artifact
 from vae_artifact.io import load_artifact
 
 NPY = "application/x-npy"
@@ -23,17 +21,13 @@ MIXTURE_ARGS = ["--data", "digits", "--device", "cpu", "--epochs", "2", "--mixtu
 
 @pytest.fixture(scope="module")
 def mixture_artifact(tmp_path_factory):
-    from training.__main__ import main
-
-    out = tmp_path_factory.mktemp("mixture") / "vae.ts"
-    assert main([*MIXTURE_ARGS, "--out", str(out)]) == 0
-    return out
+    return train_artifact(tmp_path_factory, "mixture", MIXTURE_ARGS)
 
 
 @pytest.fixture(scope="module")
 def mixture_client(settings, mixture_artifact):
-    with TestClient(create_app(variant(settings, model_path=mixture_artifact))) as client:
-        wait_ready(client)  # the warm-up's bit-identity probe passed for every kernel of this model
+    # The warm-up's bit-identity probe passed for every kernel of this model
+    with serving(settings, mixture_artifact) as client:
         yield client
 
 

@@ -7,11 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from fastapi.testclient import TestClient
 
-from conftest import SERVED_DEVICE, variant, wait_ready
+from conftest import SERVED_DEVICE, serving, train_artifact
 from service import latent
-from service.app import create_app
 from service.runtime import ModelRuntime
 from vae_artifact.errors import ArtifactError
 from vae_artifact.io import load_artifact, save_artifact
@@ -25,17 +23,13 @@ VAMP_ARGS = ["--data", "digits", "--device", "cpu", "--epochs", "1", "--prior", 
 
 @pytest.fixture(scope="module")
 def vamp_artifact(tmp_path_factory):
-    from training.__main__ import main
-
-    out = tmp_path_factory.mktemp("vamp") / "vae.ts"
-    assert main([*VAMP_ARGS, "--out", str(out)]) == 0
-    return out
+    return train_artifact(tmp_path_factory, "vamp", VAMP_ARGS)
 
 
 @pytest.fixture(scope="module")
 def vamp_client(settings, vamp_artifact):
-    with TestClient(create_app(variant(settings, model_path=vamp_artifact))) as client:
-        wait_ready(client)  # the warm-up's bit-identity probe passed on this machine, the prior kernel included
+    # The warm-up's bit-identity probe passed on this machine, the prior kernel included
+    with serving(settings, vamp_artifact) as client:
         yield client
 
 
