@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import SERVED_DEVICE, serving, train_artifact
+from service.codecs import encode_npy
 from vae_artifact.io import load_artifact
 
 NPY = "application/x-npy"
@@ -31,12 +32,6 @@ def mixture_client(settings, mixture_artifact):
         yield client
 
 
-def npy_body(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
-
-
 def test_the_model_document_states_the_mixture(mixture_client):
     assert f'"mixture": {COMPONENTS}' in json.dumps(mixture_client.get("/v1/model").json())
 
@@ -56,13 +51,13 @@ def test_decode_serves_the_artifacts_mixture_mean(mixture_client, mixture_artifa
 
 def test_scores_use_the_mixture_and_do_not_depend_on_the_batch(mixture_client, digit_images, noise_images):
     images = np.concatenate([digit_images[:8], noise_images[:8]])
-    batch = mixture_client.post("/anomaly-score?score=nll", content=npy_body(images), headers={"content-type": NPY})
+    batch = mixture_client.post("/anomaly-score?score=nll", content=encode_npy(images), headers={"content-type": NPY})
     assert batch.status_code == 200, batch.text
     rows = batch.json()["scores"]
     scores = [row["score_nats"] for row in rows]
     assert all(np.isfinite(scores)) and all(0 < row["p_value"] <= 1 for row in rows)
     assert np.median(scores[8:]) > np.median(scores[:8])  # noise is less likely than digits
     for i in (0, 9):
-        alone = mixture_client.post("/anomaly-score?score=nll", content=npy_body(images[i:i + 1]),
+        alone = mixture_client.post("/anomaly-score?score=nll", content=encode_npy(images[i:i + 1]),
                                     headers={"content-type": NPY})
         assert alone.json()["scores"][0]["score_nats"] == scores[i]
