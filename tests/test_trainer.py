@@ -4,9 +4,10 @@ import json
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from training import data, trainer
-from training.__main__ import main
+from training.__main__ import main, parse_args
 from training.data import Split, make_loader
 from training.distributed import DistContext
 from training.model import VAE, VAEConfig
@@ -24,9 +25,9 @@ def subset(split: Split, n: int) -> Split:
     return Split(split.images[:n], split.labels[:n])
 
 
-def run_training(dataset, epochs: int, seed: int = 0, **kwargs):
+def run_training(dataset, epochs: int, seed: int = 0, ema: float = 0.0, **kwargs):
     vae = small_vae(seed)
-    config = trainer.TrainConfig(epochs=epochs, batch_size=32, lr=3e-3, seed=seed, patience=0)
+    config = trainer.TrainConfig(epochs=epochs, batch_size=32, lr=3e-3, seed=seed, patience=0, ema=ema)
     result = trainer.train(vae, subset(dataset.train, 256), subset(dataset.val, 64), dataset.levels, config, CPU,
                            **kwargs)
     return vae, result
@@ -85,6 +86,52 @@ def test_resume_continues_where_the_checkpoint_stopped(digits_dataset, tmp_path)
     after = trainer.load_checkpoint(tmp_path / "part.ckpt")
     assert after["epoch"] == 3
     assert all(s["step"] == 3 * steps_per_epoch for s in after["optimizer"]["state"].values())
+
+
+def test_the_moving_average_is_what_is_validated_and_kept(digits_dataset, monkeypatch):
+    """With --ema the training trajectory is unchanged; the model ends holding the average of the weights after
+    every step (computed here independently, in float64, from a hook on the optimizer), and the history's
+    validation ELBO is the average's."""
+    trajectory = []
+    decay = 0.9
+
+    def record(optimizer, args, kwargs):
+        params = [p.detach().double().clone() for group in optimizer.param_groups for p in group["params"]]
+        trajectory.append(params)
+
+    handle = register_optimizer_step_post_hook(record)
+    try:
+        plain, plain_result = run_training(digits_dataset, epochs=1)
+    finally:
+        handle.remove()
+    averaged, result = run_training(digits_dataset, epochs=1, ema=decay)
+    untimed = lambda history, keys: [{k: row[k] for k in keys} for row in history]  # noqa: E731
+    train_keys = [k for k in result.history[0] if k.startswith("train_")]
+    assert untimed(result.history, train_keys) == untimed(plain_result.history, train_keys)
+
+    expected = trajectory[0]
+    for step in trajectory[1:]:
+        expected = [decay * e + (1 - decay) * p for e, p in zip(expected, step)]
+    assert len(trajectory) == 256 // 32
+    for (name, param), want in zip(averaged.named_parameters(), expected):
+        assert torch.allclose(param.double(), want, atol=1e-6), name
+    # Not the last step's weights, which the run without an average ends with.
+    assert all(torch.equal(p.double(), last) for p, last in zip(plain.parameters(), trajectory[-1]))
+    assert any(not torch.allclose(a, b, atol=1e-4) for a, b in zip(averaged.parameters(), plain.parameters()))
+    again = trainer.validate(averaged, subset(digits_dataset.val, 64), digits_dataset.levels, CPU.device, CPU, 256)
+    assert again["elbo"] == pytest.approx(result.history[0]["val_elbo"], abs=1e-3)
+    assert result.history[0]["val_elbo"] != plain_result.history[0]["val_elbo"]
+
+
+def test_resume_with_a_moving_average_matches_the_run_that_never_stopped(digits_dataset, tmp_path):
+    full, full_result = run_training(digits_dataset, epochs=3, ema=0.95)
+    run_training(digits_dataset, epochs=2, ema=0.95, checkpoint_path=tmp_path / "part.ckpt")
+    checkpoint = trainer.load_checkpoint(tmp_path / "part.ckpt")
+    assert int(checkpoint["ema"]["n_averaged"]) == 2 * 256 // 32
+    resumed, resumed_result = run_training(digits_dataset, epochs=3, ema=0.95, resume=checkpoint)
+    assert [row["val_elbo"] for row in resumed_result.history] == [row["val_elbo"] for row in full_result.history]
+    for (name, ta), tb in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(ta, tb), name
 
 
 def test_early_stopping_restores_the_best_epoch(digits_dataset):
@@ -163,3 +210,11 @@ def test_binarisation_fixed_for_evaluation_fresh_for_training(digits_dataset):
     result = trainer.train(vae, subset(digits_dataset.train, 128), once, digits_dataset.levels, config, CPU,
                            val_levels=2)
     assert len(result.history) == 1 and -64 * 10 < result.history[0]["val_elbo"] < 0
+
+
+@pytest.mark.parametrize("value", ["1", "1.5", "-0.1"])
+def test_an_ema_decay_outside_0_1_is_a_usage_error(capsys, value):
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--ema", value])
+    assert exc.value.code == 2 and "--ema is a decay per step in [0, 1)" in capsys.readouterr().err
+    assert parse_args(["--ema", "0.999"]).ema == 0.999 and parse_args([]).ema == 0.0

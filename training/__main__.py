@@ -75,6 +75,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                      help="stop after this many epochs without a better validation ELBO (0: never)")
     opt.add_argument("--lr-patience", type=int, default=defaults.lr_patience, metavar="N",
                      help="halve the learning rate after N epochs without a better validation ELBO (0: constant)")
+    opt.add_argument("--ema", type=float, default=defaults.ema, metavar="DECAY",
+                     help="validate, early-stop on and export an exponential moving average of the weights with "
+                          "this decay per step, e.g. 0.999 (Polyak averaging; 0: the weights themselves)")
     opt.add_argument("--seed", type=int, default=defaults.seed, help="weights init, shuffling and noise")
     opt.add_argument("--device", choices=distributed.DEVICES, default="auto", help="auto: cuda if available")
     opt.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
@@ -95,6 +98,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.mixture > 1 and args.binarize:
         p.error("--mixture is a mixture of discretised logistics; --binarize uses a Bernoulli likelihood")
+    if not 0.0 <= args.ema < 1.0:
+        p.error(f"--ema is a decay per step in [0, 1) (0: no average), got {args.ema}")
     if args.pseudo_inputs is not None and args.prior != "vamp":
         p.error(f"--pseudo-inputs needs --prior vamp (the {args.prior} prior has no pseudo-inputs)")
     if args.prior == "vamp":
@@ -136,7 +141,7 @@ def train_config(args: argparse.Namespace) -> trainer.TrainConfig:
     return trainer.TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                weight_decay=args.weight_decay, beta=args.beta, kl_warmup=args.kl_warmup,
                                free_bits=args.free_bits, grad_clip=args.grad_clip, patience=args.patience,
-                               lr_patience=args.lr_patience,
+                               lr_patience=args.lr_patience, ema=args.ema,
                                seed=args.seed, binarize=args.binarize, amp=not args.no_amp,
                                compile=args.compile)
 
@@ -219,7 +224,8 @@ def run(args: argparse.Namespace, ctx: distributed.DistContext) -> Optional[Dict
         data=data_section(recipe, ds),
         training={"epochs_run": result.epochs_run, "best_epoch": result.best_epoch, "seed": args.seed,
                   "beta": config.beta, "kl_warmup": config.kl_warmup, "free_bits": config.free_bits,
-                  "lr": config.lr, "batch_size": config.batch_size, "wall_time_s": round(result.wall_time_s, 2),
+                  "lr": config.lr, "lr_patience": config.lr_patience, "ema": config.ema,
+                  "batch_size": config.batch_size, "wall_time_s": round(result.wall_time_s, 2),
                   "images_per_s": round(result.images_per_s, 1),
                   "device": str(device), "world_size": ctx.world_size,
                   "final": {k: v for k, v in last.items() if k.startswith(("train_", "val_"))}},

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, TensorDataset
 from tqdm import tqdm
 
@@ -49,15 +50,16 @@ class TrainConfig:
     binarize: bool = False  # dynamic binarisation: a fresh Bernoulli draw of every training batch
     amp: bool = True  # bf16 (or fp16 + GradScaler) autocast; only ever used on CUDA
     compile: bool = False  # torch.compile the training model (measured on CPU: ~1.1x images/s after a compile)
+    ema: float = 0.0  # decay per step of an exponential moving average of the weights (e.g. 0.999); 0: none
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
         if not self.lr > 0 or self.beta < 0 or self.kl_warmup < 0 or self.free_bits < 0 or self.patience < 0 \
-                or self.lr_patience < 0:
+                or self.lr_patience < 0 or not 0.0 <= self.ema < 1.0:
             raise ValueError(f"invalid hyperparameters: lr={self.lr}, beta={self.beta}, kl_warmup="
                              f"{self.kl_warmup}, free_bits={self.free_bits}, patience={self.patience}, "
-                             f"lr_patience={self.lr_patience}")
+                             f"lr_patience={self.lr_patience}, ema={self.ema}")
 
 
 @dataclass
@@ -128,10 +130,11 @@ def flush_denormals(device: torch.device) -> Iterator[None]:
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, device: torch.device,
                     *, epoch: int, config: TrainConfig, generator: torch.Generator,
                     scaler: Optional[torch.amp.GradScaler] = None, autocast_dtype: Optional[torch.dtype] = None,
-                    progress: bool = False) -> Dict[str, float]:
+                    ema: Optional[AveragedModel] = None, progress: bool = False) -> Dict[str, float]:
     """One pass over ``loader``; returns this rank's per-image means {"loss", "rec", "kl", "elbo"}, "n",
     "kl_weight" and "images_per_s" (loss is the weighted objective, elbo = rec - kl with the true KL: closed
-    form under N(0, I), the one-sample estimate under the VampPrior)."""
+    form under N(0, I), the one-sample estimate under the VampPrior). ``ema``, if given, is updated from the
+    unwrapped model after every optimizer step."""
     model.train()
     latent_dim = unwrap(getattr(model, "_orig_mod", model)).config.latent_dim  # under DDP and/or torch.compile
     steps = len(loader)
@@ -163,6 +166,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
             scaler.update()
         else:
             optimizer.step()
+        if ema is not None:
+            ema.update_parameters(unwrap(getattr(model, "_orig_mod", model)))
         b, kl = x.shape[0], kl_dims.sum(dim=1).detach()
         # .item() here is a host-device sync point; one per step is negligible for a model this small.
         batch = {"loss": loss.item(), "rec": rec.detach().mean().item(), "kl": kl.mean().item()}
@@ -187,9 +192,11 @@ def validate(vae: VAE, split: Split, levels: int, device: torch.device, ctx: Dis
 
 
 def save_checkpoint(path: Path, vae: VAE, optimizer, scaler, config: TrainConfig, epoch: int,
-                    best: Dict[str, Any], history: List[Dict[str, float]]) -> None:
+                    best: Dict[str, Any], history: List[Dict[str, float]],
+                    ema: Optional[AveragedModel] = None) -> None:
     checkpoint = {
         "model": vae.state_dict(),  # the unwrapped module: no DDP "module." prefix
+        "ema": ema.state_dict() if ema is not None else None,  # the average's weights and its update count
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
         "config": asdict(vae.config),
@@ -212,7 +219,8 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
 def train(vae: VAE, train_split: Split, val_split: Split, levels: int, config: TrainConfig, ctx: DistContext,
           *, val_levels: Optional[int] = None, checkpoint_path: Optional[Path] = None,
           resume: Optional[Dict[str, Any]] = None, progress: Optional[bool] = None) -> TrainResult:
-    """Train ``vae`` in place and leave it holding the weights of its best validation epoch.
+    """Train ``vae`` in place and leave it holding the weights of its best validation epoch: the moving
+    average's at that epoch when ``config.ema`` is set (validated, early-stopped on and exported in its place).
 
     ``levels`` is the training split's pixel levels; ``val_levels`` the validation split's (2 once
     binarised). ``resume`` is a checkpoint dict from ``load_checkpoint``; training continues after its epoch
@@ -238,6 +246,15 @@ def train(vae: VAE, train_split: Split, val_split: Split, levels: int, config: T
         start_epoch, best, result.history = resume["epoch"], resume["best"], list(resume["history"])
         log.info("resumed after epoch %d (best val ELBO %.3f at epoch %d)", start_epoch, best["val_elbo"],
                  best["epoch"])
+    # The average is of the unwrapped module's weights (every rank holds the same ones under DDP); it starts
+    # as a copy of the weights at the first step, or continues from the checkpoint's.
+    ema = AveragedModel(vae, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True) \
+        if config.ema else None
+    if ema is not None and resume is not None and resume.get("ema"):
+        ema.load_state_dict(resume["ema"])
+    elif ema is not None and resume is not None:
+        log.warning("the checkpoint has no moving average: it starts from the resumed weights")
+    evaluated = ema.module if ema is not None else vae  # what validation, early stopping and the export see
     model = DistributedDataParallel(vae, device_ids=[device.index] if device.type == "cuda" else None) \
         if ctx.enabled else vae
     if config.compile:  # wraps the training path only: checkpoints, validation and export use ``vae`` itself
@@ -255,9 +272,9 @@ def train(vae: VAE, train_split: Split, val_split: Split, levels: int, config: T
         with flush_denormals(device):
             train_m = train_one_epoch(model, loader, optimizer, device, epoch=epoch, config=config,
                                       generator=seeded(device, config.seed, epoch, ctx.rank), scaler=scaler,
-                                      autocast_dtype=dtype, progress=progress)
+                                      autocast_dtype=dtype, ema=ema, progress=progress)
         train_m = _global_means(train_m, ctx)
-        val_m = validate(vae, val_split, val_levels or levels, device, ctx, max(config.batch_size, 256))
+        val_m = validate(evaluated, val_split, val_levels or levels, device, ctx, max(config.batch_size, 256))
         rates.append(train_m["images_per_s"])  # a timing, like time_s: kept out of the (reproducible) history
         row = {"epoch": epoch + 1, "kl_weight": train_m["kl_weight"], "time_s": time.perf_counter() - t0,
                "lr": optimizer.param_groups[0]["lr"],
@@ -267,7 +284,7 @@ def train(vae: VAE, train_split: Split, val_split: Split, levels: int, config: T
         improved = val_m["elbo"] > best["val_elbo"]
         if improved:
             best = {"epoch": epoch + 1, "val_elbo": val_m["elbo"],
-                    "model": {k: v.detach().cpu().clone() for k, v in vae.state_dict().items()}}
+                    "model": {k: v.detach().cpu().clone() for k, v in evaluated.state_dict().items()}}
         log.info("epoch %d/%d  train loss %.3f (rec %.3f, kl %.3f, w %.2f)  val ELBO %.3f%s  %.1fs (%.0f images/s)",
                  epoch + 1, config.epochs, row["train_loss"], row["train_rec"], row["train_kl"], row["kl_weight"],
                  row["val_elbo"], " *" if improved else "", row["time_s"], rates[-1])
@@ -278,7 +295,7 @@ def train(vae: VAE, train_split: Split, val_split: Split, levels: int, config: T
             log.info("learning rate halved to %.3g: no better validation ELBO since epoch %d", row["lr"] * 0.5,
                      best["epoch"])
         if ctx.is_main and checkpoint_path is not None:
-            save_checkpoint(checkpoint_path, vae, optimizer, scaler, config, epoch + 1, best, result.history)
+            save_checkpoint(checkpoint_path, vae, optimizer, scaler, config, epoch + 1, best, result.history, ema)
     else:
         epoch = config.epochs
     if best["model"] is not None:
