@@ -10,12 +10,15 @@ from starlette.concurrency import run_in_threadpool
 
 from service import scoring
 from service.deps import ServiceState
+from service.runtime import ScoreCall
 
 
 async def score_images(state: ServiceState, images: np.ndarray, kind: scoring.ScoreKind, *, k: int, alpha: float,
                        tail: str, deadline: Optional[float], abandoned: Optional[Awaitable]) -> Tuple[List[dict], dict]:
     """Per image, the /anomaly-score row of ``kind`` at ``k`` samples; and the calibration summary."""
-    scored = state.batcher.submit("score", images, params=k, deadline=deadline, abandoned=abandoned)
+    # A kind that tests the latent bank gets each row's distance from the same batch call as its score.
+    params = ScoreCall(k, neighbours=True) if kind.needs_neighbours else k
+    scored = state.batcher.submit("score", images, params=params, deadline=deadline, abandoned=abandoned)
     if kind.compressor is None:
         out, bits = await scored, None
     else:  # compress in the thread pool while the model works

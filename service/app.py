@@ -70,7 +70,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     runtime = state.runtime
     info = runtime.info
     state.image_spec = ImageSpec(info.channels, info.height, info.width, max_pixels=settings.max_pixels)
-    state.score_kinds = ScoreKinds.from_metadata(runtime.metadata)
+    state.score_kinds = ScoreKinds.from_metadata(runtime.metadata, neighbours=runtime.has_neighbours)
     state.metrics.model_info.labels(info.version, info.sha256, str(runtime.device)).set(1)
     processes = settings.processes or 1  # this process's share of the machine (service.processes)
     workers = settings.model_workers or default_workers(runtime.device, processes)

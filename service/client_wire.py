@@ -77,6 +77,7 @@ class AnomalyResult:
 
     score_nats: np.ndarray  # the requested score kind, higher = stranger; p_value and is_anomaly refer to it
     complexity_bits: np.ndarray  # compressed input size in bits for nll-minus-<compressor> kinds, else NaN
+    neighbour_distance: np.ndarray  # latent distance to the nearest training image for fisher-<c>-nn kinds, else NaN
     nll_nats: np.ndarray  # importance-weighted negative log-likelihood
     nll_bits_per_dim: np.ndarray
     nll_se_nats: np.ndarray  # Monte Carlo standard error of nll_nats
@@ -125,8 +126,8 @@ class ComputedDirection:
 
 
 # AnomalyResult's per-image float columns: what _anomaly reads from every row of the response.
-_FLOAT_COLUMNS = ("score_nats", "complexity_bits", "nll_nats", "nll_bits_per_dim", "nll_se_nats", "ess", "elbo_nats",
-                  "reconstruction_nats", "kl_nats", "p_value", "percentile")
+_FLOAT_COLUMNS = ("score_nats", "complexity_bits", "neighbour_distance", "nll_nats", "nll_bits_per_dim", "nll_se_nats",
+                  "ess", "elbo_nats", "reconstruction_nats", "kl_nats", "p_value", "percentile")
 
 
 @dataclass(frozen=True)

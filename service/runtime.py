@@ -1,4 +1,4 @@
-"""The artifact on its device: batch shapes, warm-up and the three kernels.
+"""The artifact on its device: batch shapes, warm-up and the kernels.
 
 Kernels take and return numpy arrays and run on the batcher's worker threads, never on the event loop; they
 are safe to call from several threads at once (TorchScript methods are; the noise cache has a lock). The
@@ -22,7 +22,7 @@ from service.devices import pin_cpu_numerics, pin_gpu_numerics, resolve_device
 from vae_artifact import noise
 from vae_artifact.errors import ArtifactError
 from vae_artifact.io import file_sha256, load_artifact
-from vae_artifact.metadata import KERNELS as METHOD_KERNELS, PRIOR_METHODS, Metadata
+from vae_artifact.metadata import KERNELS as METHOD_KERNELS, NEIGHBOUR_METHODS, PRIOR_METHODS, Metadata
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,16 @@ SCORE_DECODES = {"cpu": 32, "cuda": 4096}
 # the artifact's ``sample_prior`` (artifacts whose prior is not N(0, I); /sample draws N(0, I) itself).
 KERNELS = (*METHOD_KERNELS, "prior")
 
-__all__ = ["ArtifactError", "KERNELS", "ModelInfo", "ModelRuntime", "SCORE_DECODES"]
+__all__ = ["ArtifactError", "KERNELS", "ModelInfo", "ModelRuntime", "SCORE_DECODES", "ScoreCall"]
+
+
+@dataclass(frozen=True)
+class ScoreCall:
+    """A score batch's parameters (the batcher batches rows of equal parameters): K, and whether each row also
+    gets its ``latent_nn`` (the artifact's ``latent_neighbour_distance``, for the fisher-<c>-nn kinds)."""
+
+    k: int
+    neighbours: bool = False
 
 
 @dataclass(frozen=True)
@@ -95,6 +104,10 @@ class ModelRuntime:
         meta: Metadata = self.metadata
         if not meta.prior.is_standard and not all(hasattr(self.module, name) for name in PRIOR_METHODS):
             raise ArtifactError(f"{path}: the {meta.prior.name} prior needs the artifact's {list(PRIOR_METHODS)}")
+        # A latent bank (listed in ``methods``): the fisher-<c>-nn score kinds are offered.
+        self.has_neighbours = all(name in (meta.get("methods") or {}) for name in NEIGHBOUR_METHODS)
+        if self.has_neighbours and not all(hasattr(self.module, name) for name in NEIGHBOUR_METHODS):
+            raise ArtifactError(f"{path}: the metadata lists {list(NEIGHBOUR_METHODS)}, the module lacks them")
         self.info = ModelInfo(
             channels=meta.image.channels, height=meta.image.height, width=meta.image.width,
             latent_dim=meta.latent_dim, num_dims=meta.image.num_dims, score_k=meta.scoring.k,
@@ -109,13 +122,14 @@ class ModelRuntime:
         self._pin = self.device.type == "cuda"
         # Per kernel, the smallest call size from which every row has the bits it has in the largest call:
         # smaller calls are padded up to it. Measured by warm_up.
-        self.exact_from: Dict[str, int] = {kernel: 1 for kernel in KERNELS}
+        self.exact_from: Dict[str, int] = {kernel: 1 for kernel in (*KERNELS, "neighbours")}
 
     # -- kernels -------------------------------------------------------------------------------
     def run(self, kernel: str, rows: np.ndarray, params: Hashable = None) -> Dict[str, np.ndarray]:
-        """The batcher's one entry point: ``kernel`` on ``rows``; ``params`` is the score's K."""
+        """The batcher's one entry point: ``kernel`` on ``rows``; ``params`` is the score's K or ScoreCall."""
         if kernel == "score":
-            return self.score(rows, int(params or self.info.score_k))
+            score = self._score_params(params)
+            return self.score(rows, score.k, neighbours=score.neighbours)
         if kernel in ("encode", "decode"):
             return self.encode(rows) if kernel == "encode" else self.decode(rows)
         if kernel == "prior":
@@ -144,8 +158,19 @@ class ModelRuntime:
         return self._calls(call, rows, ("z",), self.call_sizes, self.exact_from["prior"])
 
     @torch.inference_mode()
-    def score(self, images: np.ndarray, k: int) -> Dict[str, np.ndarray]:
-        """uint8 (N, C, H, W) -> iw_ll, elbo, rec, kl (N,) and log_w (N, K); noise fixed per K, shared by rows."""
+    def neighbours(self, images: np.ndarray) -> Dict[str, np.ndarray]:
+        """uint8 (N, C, H, W) -> latent_nn (N,) float32: the artifact's ``latent_neighbour_distance``."""
+        if not self.has_neighbours:
+            raise ValueError("this artifact has no latent bank")
+        return self._calls(lambda t: (self.module.latent_neighbour_distance(t),), images, ("latent_nn",),
+                           self.call_sizes, self.exact_from["neighbours"])
+
+    @torch.inference_mode()
+    def score(self, images: np.ndarray, k: int, neighbours: bool = False) -> Dict[str, np.ndarray]:
+        """uint8 (N, C, H, W) -> iw_ll, elbo, rec, kl (N,) and log_w (N, K); noise fixed per K, shared by rows.
+        ``neighbours``: also latent_nn (N,) (``neighbours``)."""
+        if neighbours:
+            return {**self.score(images, k), **self.neighbours(images)}
         eps_k = self._noise_for(k)
 
         def score(x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
@@ -168,7 +193,11 @@ class ModelRuntime:
 
     def max_rows(self, kernel: str, params: Hashable = None) -> int:
         """Most rows in one call of ``kernel`` (for a score, with K = ``params``)."""
-        return self.score_sizes(int(params or self.info.score_k))[-1] if kernel == "score" else self.call_sizes[-1]
+        return self.score_sizes(self._score_params(params).k)[-1] if kernel == "score" else self.call_sizes[-1]
+
+    def _score_params(self, params: Hashable) -> ScoreCall:
+        """A score's ``params``: ScoreCall, or K alone (None: the artifact's K)."""
+        return params if isinstance(params, ScoreCall) else ScoreCall(int(params or self.info.score_k))
 
     def warm_up(self, score_k: Optional[int] = None, rounds: int = 2) -> float:
         """Check the call sizes' bits, then run every kernel at every call size, ``rounds`` times, so the
@@ -186,6 +215,9 @@ class ModelRuntime:
             if not self.metadata.prior.is_standard:
                 for b in self.call_sizes:
                     self.sample_prior(np.zeros((b, d + 1), np.float32))
+            if self.has_neighbours:
+                for b in self.call_sizes:
+                    self.neighbours(np.zeros((b, c, h, w), np.uint8))
         return time.perf_counter() - started
 
     def _probe_exact_sizes(self, k: int) -> None:
@@ -215,6 +247,8 @@ class ModelRuntime:
             "decode": (lambda n: self.decode(latents[:n]), self.call_sizes),
             "score": (score_in_calls_of, score_sizes),
         }
+        if self.has_neighbours:
+            calls["neighbours"] = (lambda n: self.neighbours(images[:n]), self.call_sizes)
         if not self.metadata.prior.is_standard:
             component = rng.integers(0, self.metadata.prior.components, size=(top, 1))
             mixture = np.concatenate([latents, component], axis=1).astype(np.float32)

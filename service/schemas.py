@@ -86,6 +86,10 @@ class AnomalyRow(BaseModel):
     complexity_bits: Optional[float] = Field(description="Compressed size of the input in bits, for the "
                                                          "nll-minus-<compressor> kinds (score = nll - ln 2 * this) "
                                                          "and the fisher-<compressor> kinds (one of their terms).")
+    neighbour_distance: Optional[float] = Field(
+        default=None, description="For the fisher-<compressor>-nn kinds (one of their terms): Euclidean distance from "
+                                  "the input's posterior mean to the nearest posterior mean of the artifact's latent "
+                                  "bank of training images; null for the other kinds.")
     nll_nats: float = Field(description="Importance-weighted negative log-likelihood (the 'nll' score kind).")
     nll_bits_per_dim: float
     nll_se_nats: Optional[float] = Field(description="Monte Carlo standard error of nll_nats (delta method).")

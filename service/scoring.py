@@ -40,11 +40,17 @@ class ScoreKind:
     description: dict  # the artifact's scoring.kinds[name]
     combination: Optional[Combination] = None  # a fisher-<compressor> kind's fitted terms
 
-    def scores(self, nll: np.ndarray, elbo: np.ndarray, bits: Optional[np.ndarray]) -> np.ndarray:
-        """This kind's scores (nats) of images with NLLs ``nll``, ELBOs ``elbo`` (nats, the same ``score`` call)
-        and this kind's compressed sizes ``bits``."""
+    @property
+    def needs_neighbours(self) -> bool:
+        """Whether its score needs each image's ``latent_nn`` (a fisher-<c>-nn kind)."""
+        return self.combination is not None and self.combination.needs_neighbours
+
+    def scores(self, nll: np.ndarray, elbo: np.ndarray, bits: Optional[np.ndarray],
+               latent_nn: Optional[np.ndarray] = None) -> np.ndarray:
+        """This kind's scores (nats) of images with NLLs ``nll``, ELBOs ``elbo`` (nats, the same ``score`` call),
+        this kind's compressed sizes ``bits`` and, for a kind that ``needs_neighbours``, ``latent_nn``."""
         if self.combination is not None:
-            return self.combination.scores(nll, elbo, bits)
+            return self.combination.scores(nll, elbo, bits, latent_nn)
         return complexity.corrected(nll, bits)
 
 
@@ -57,10 +63,11 @@ class ScoreKinds:
     levels: int
 
     @classmethod
-    def from_metadata(cls, metadata: Metadata) -> "ScoreKinds":
+    def from_metadata(cls, metadata: Metadata, *, neighbours: bool = False) -> "ScoreKinds":
         """Kinds from ``scoring.kinds`` (older artifacts: ``nll`` only). A kind whose compressor this service
         cannot reproduce exactly, or whose combination it cannot read, is left out with a warning: its calibration
-        would not match its scores."""
+        would not match its scores; so is a kind that needs a latent bank without ``neighbours`` (the
+        artifact's ``latent_neighbour_distance``)."""
         kinds = {}
         for name, description in metadata.scoring.kinds.items():
             spec = description.get("complexity")
@@ -77,6 +84,9 @@ class ScoreKinds:
                     continue
                 if spec is None or combined.compressor != spec["name"]:
                     log.warning("score kind %r: its combination's compressor is not its own; not offered", name)
+                    continue
+                if combined.needs_neighbours and not neighbours:
+                    log.warning("score kind %r needs the artifact's latent bank, which it lacks; not offered", name)
                     continue
             kinds[name] = ScoreKind(name, spec["name"] if spec else None, Calibration.from_metadata(metadata, name),
                                     dict(description), combined)
@@ -117,8 +127,9 @@ def score_rows(outputs: Dict[str, np.ndarray], *, num_dims: int, calibration: Op
     if not applies(calibration, k):
         calibration = None
     nll = -outputs["iw_ll"].astype(np.float64)
+    latent_nn = outputs.get("latent_nn")
     score = (complexity.corrected(nll, complexity_bits) if kind is None
-             else kind.scores(nll, outputs["elbo"], complexity_bits))
+             else kind.scores(nll, outputs["elbo"], complexity_bits, latent_nn))
     stats = importance_stats(outputs["log_w"])
     to_bits = 1.0 / (num_dims * math.log(2.0))
     rows: List[dict] = []
@@ -129,6 +140,7 @@ def score_rows(outputs: Dict[str, np.ndarray], *, num_dims: int, calibration: Op
         row = {
             "score_nats": float(score[i]),
             "complexity_bits": None if complexity_bits is None else float(complexity_bits[i]),
+            "neighbour_distance": None if latent_nn is None else float(latent_nn[i]),
             "nll_nats": float(nll[i]),
             "nll_bits_per_dim": float(nll[i] * to_bits),
             "nll_se_nats": _finite_or_none(stats["se"][i]),

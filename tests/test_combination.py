@@ -34,10 +34,11 @@ def slow_tail_scale(ref: list, side: str) -> float:
     return spread if spread > 0 else 1.0
 
 
-def slow_fisher(nll: float, elbo: float, bits: float, spec: dict) -> float:
+def slow_fisher(nll: float, elbo: float, bits: float, spec: dict, latent_nn: float = math.nan) -> float:
     """-sum ln p over the artifact's terms, counting reference values one by one; past the reference's extreme
     (``beyond: exponential``) p continues as 1/(m + 1) exp(-excess / scale)."""
-    stats = {"nll": nll, "iw-gap": -nll - elbo, "bits-bz2": bits, "nll-minus-bz2": nll - math.log(2.0) * bits}
+    stats = {"nll": nll, "iw-gap": -nll - elbo, "bits-bz2": bits, "nll-minus-bz2": nll - math.log(2.0) * bits,
+             "latent-nn": latent_nn}
     total = 0.0
     for term in spec["terms"]:
         v, ref = stats[term["statistic"]], term["reference"]
@@ -62,6 +63,31 @@ def test_scores_equal_the_formula_written_out():
     fast = fitted.scores(nll, elbo, bits)
     np.testing.assert_allclose(fast, [slow_fisher(*row, spec) for row in zip(nll, elbo, bits)], rtol=1e-13)
     assert min(fast[:3]) > np.quantile(fast[4:], 0.9) and fast[3] < np.quantile(fast[4:], 0.9)
+
+
+def test_the_neighbour_kind_adds_the_latent_distance_as_a_fourth_term():
+    rng = np.random.default_rng(6)
+    nll, elbo, bits = normal_statistics(rng, 300)
+    distance = rng.gamma(3.0, 0.5, size=300)  # nearest-neighbour distances of normal images
+    fitted = combination.Combination.fit("bz2", nll, elbo, bits, latent_nn=distance)
+    spec = fitted.to_dict()
+    assert [(t["statistic"], t["tail"]) for t in spec["terms"]] == list(combination.recipe("bz2", neighbours=True))
+    assert spec["terms"][-1] == {"statistic": "latent-nn", "tail": "upper", "n": 300,
+                                 "reference": sorted(distance.tolist())}
+    assert fitted.needs_neighbours and not combination.Combination.fit("bz2", nll, elbo, bits).needs_neighbours
+    nll, elbo, bits = normal_statistics(rng, 40)
+    distance = rng.gamma(3.0, 0.5, size=40)
+    distance[:2] = [0.0, 50.0]  # on a training image's latent, far from every one
+    fast = fitted.scores(nll, elbo, bits, distance)
+    np.testing.assert_allclose(fast, [slow_fisher(*row, spec, d) for row, d in zip(zip(nll, elbo, bits), distance)],
+                               rtol=1e-13)
+    # Distance 0 adds nothing (p = 1); 50, past every reference distance, adds ln(m + 1) and its tail.
+    nearest = fitted.scores(nll[1:2], elbo[1:2], bits[1:2], [0.0])[0]
+    tail = (50.0 - fitted.terms[3].reference[-1]) / fitted.terms[3].scales[0]
+    assert fast[1] == pytest.approx(nearest + math.log(301) + tail, rel=1e-12) and fast[1] > nearest
+    with pytest.raises(ValueError, match="latent_neighbour_distance"):
+        fitted.scores(nll, elbo, bits)
+    assert combination.Combination.from_dict(spec).to_dict() == spec
 
 
 def test_past_the_reference_the_score_keeps_growing_and_older_artifacts_keep_their_counts():

@@ -5,10 +5,12 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from training import export
+from training.data import Split, to_8bit
 from training.export import ArtifactError, ServingModule, export_artifact
 from training.model import VAE, VAEConfig
 from vae_artifact import io as artifact_io
@@ -162,3 +164,37 @@ def test_resaving_unchanged_is_accepted(artifact, tmp_path):
     # The control for the two refusals above: the copy itself is not what they detect.
     module, meta = load_artifact(resave(artifact[0], tmp_path / "copy.ts"))
     assert meta["weights_sha256"] == artifact[2]["weights_sha256"]
+
+
+def test_the_latent_bank_and_its_nearest_neighbour_distance(tmp_path, artifact, digits_dataset):
+    """``latent_bank`` holds the posterior means of a seeded sample of training images as served; the artifact's
+    ``latent_neighbour_distance`` is the distance to the nearest of them (brute force in float64), the same for
+    a row alone or in a batch; an artifact without a bank neither lists nor answers it."""
+    torch.manual_seed(0)
+    vae = VAE(VAEConfig(channels=1, height=8, width=8, latent_dim=4, base_width=8, hidden=32, levels=17)).eval()
+    split = digits_dataset.train
+    bank = export.latent_bank(vae, split, digits_dataset.levels, n=40, seed=3)
+    picks = np.sort(np.random.default_rng(3).choice(len(split), size=40, replace=False))
+    with torch.inference_mode():
+        served = ServingModule(vae).encode(torch.from_numpy(to_8bit(split.images[picks], 17)).float() / 255)[0]
+    torch.testing.assert_close(bank, served, atol=0, rtol=0)
+    assert export.latent_bank(vae, Split(split.images[:7], split.labels[:7]), 17, n=40).shape == (7, 4)
+
+    path = tmp_path / "vae.ts"
+    meta = export_artifact(vae, path, export.build_metadata(vae, neighbours=True), check_x=grid_images(4),
+                           latent_bank=bank)
+    assert set(meta["methods"]) == {"encode", "decode", "score", "latent_neighbour_distance"}
+    module, _ = load_artifact(path)
+    x = torch.cat([grid_images(8, seed=4), torch.from_numpy(to_8bit(split.images[picks[:2]], 17)).float() / 255])
+    with torch.inference_mode():
+        distance = module.latent_neighbour_distance(x)
+        mu = module.encode(x)[0].double()
+        alone = torch.cat([module.latent_neighbour_distance(x[i:i + 1]) for i in range(len(x))])
+    brute = ((mu[:, None, :] - bank.double()[None]) ** 2).sum(dim=-1).sqrt().min(dim=1).values
+    torch.testing.assert_close(distance.double(), brute, atol=1e-6, rtol=1e-6)
+    assert torch.equal(alone, distance)
+    assert distance[-2:].tolist() == [0.0, 0.0] and distance[:8].min() > 0  # bank images sit on their own latent
+    plain, plain_meta = load_artifact(artifact[0])
+    assert "latent_neighbour_distance" not in plain_meta["methods"]
+    with pytest.raises(torch.jit.Error, match="no latent bank"):
+        plain.latent_neighbour_distance(x)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from training.__main__ import main as train
 from training.calibration import recalibrate
@@ -70,3 +71,22 @@ def test_a_rebuilt_split_that_differs_from_the_recorded_one_is_refused(digits_ar
         with pytest.raises(SystemExit, match=named):
             recalibrate(tampered, out=tmp_path / "out.ts")
         assert not (tmp_path / "out.ts").exists()
+
+
+def test_an_artifact_without_a_latent_bank_is_given_one_with_its_own_weights(tmp_path):
+    """``training.ood calibrate --latent-bank N``: the same model, exported again with a bank of its recorded
+    train split, now offers fisher-bz2-nn; every other kind's calibration stays what it was."""
+    model = trained(tmp_path, "--latent-bank", "0")
+    module, meta = load_artifact(model)
+    assert "latent_neighbour_distance" not in meta["methods"] and "fisher-bz2-nn" not in meta["scoring"]["kinds"]
+    out = tmp_path / "banked.ts"
+    calibration = recalibrate(model, out=out, latent_bank=50)
+    banked, banked_meta = load_artifact(out)
+    assert banked.latent_bank.shape == (50, 4) and "latent_neighbour_distance" in banked_meta["methods"]
+    terms = banked_meta["scoring"]["kinds"]["fisher-bz2-nn"]["combination"]["terms"]
+    assert [t["statistic"] for t in terms][-1] == "latent-nn" and len(calibration["scores"]["fisher-bz2-nn"]) == 144
+    for kind, scores in meta["calibration"]["scores"].items():
+        np.testing.assert_allclose(calibration["scores"][kind], scores, rtol=1e-5, atol=1e-3, err_msg=kind)
+    x = torch.from_numpy(load_dataset("digits", seed=0).test.images[:16]).float() / 16
+    torch.testing.assert_close(banked.encode(x), module.encode(x), atol=0, rtol=0)
+    assert len({tuple(row) for row in banked.encode(x)[0].tolist()}) == 16  # distinct means: not a vacuous check

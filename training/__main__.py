@@ -28,6 +28,7 @@ log = logging.getLogger("training")
 
 REPORT_TEST_SCORES = 2000  # test images scored for the report's histogram: enough for its shape, bounded cost
 EVAL_N = 2000  # test images for the IW-NLL by default (a seeded random subset; its standard error is recorded)
+LATENT_BANK = 10000  # training images in the latent bank: D * 4 bytes each in the artifact (docs/anomaly.md)
 VAMP_PSEUDO_INPUTS = 100  # mixture components: each training step also encodes them (Tomczak & Welling use 500)
 
 
@@ -92,6 +93,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                          "is recorded); 0 or 'all': the whole test split")
     ev.add_argument("--score-k", type=_positive_int, default=calibration.DEFAULT_K,
                     help="importance samples per anomaly score (the service's K; see docs/anomaly.md)")
+    ev.add_argument("--latent-bank", type=_non_negative_int, default=LATENT_BANK, metavar="N",
+                    help="posterior means of N training images (a seeded sample; all when fewer) kept in the "
+                         "artifact for the fisher-bz2-nn score's nearest-neighbour distance; 0: none")
     ev.add_argument("--out", type=Path, default=Path("runs/vae.ts"), help="artifact path")
     ev.add_argument("--no-report", action="store_true", help="skip report.json and the figures")
     ev.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
@@ -114,6 +118,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
     return value
 
 
@@ -207,20 +218,23 @@ def run(args: argparse.Namespace, ctx: distributed.DistContext) -> Optional[Dict
                                     progress=progress)
     # Every score kind of the calib split, computed as the service will: 8-bit images through ``score`` (for a
     # binarised model too: the test metrics above use the dynamically binarised split, the scores may not).
+    # The latent bank (posterior means of training images, as served) for the fisher-<c>-nn kinds.
+    bank = export.latent_bank(vae, ds.train, ds.levels, args.latent_bank, seed=args.seed) if args.latent_bank else None
+    serving = export.ServingModule(vae.eval(), bank).to(device)
     calib_images = calibration.calibration_images(ds)
     scoring, calibrated = calibration.calibration_sections(
-        _with_progress(export.ServingModule(vae.eval()).score, len(calib_images), f"calibration (K={args.score_k})",
-                       progress), calib_images, k=args.score_k,
-        noise_seed=calibration.NOISE_SEED, latent_dim=vae.config.latent_dim, levels=vae.config.levels,
-        device=device)
+        _with_progress(serving.score, len(calib_images), f"calibration (K={args.score_k})", progress), calib_images,
+        k=args.score_k, noise_seed=calibration.NOISE_SEED, latent_dim=vae.config.latent_dim, levels=vae.config.levels,
+        device=device, neighbours=serving.latent_neighbour_distance if bank is not None else None)
     calib_scores = calibrated["scores"]["nll"]
     # Attribute directions from the train split's posterior means as served (8-bit), checked on the test split.
     latent_directions = directions.directions_section(
-        export.ServingModule(vae.eval()).encode, (to_8bit(ds.train.images, ds.levels), ds.train.labels),
+        serving.encode, (to_8bit(ds.train.images, ds.levels), ds.train.labels),
         (to_8bit(ds.test.images, ds.levels), ds.test.labels), device=device)
     last = result.history[-1] if result.history else {}
     meta = export.build_metadata(
         vae,
+        neighbours=bank is not None,
         data=data_section(recipe, ds),
         training={"epochs_run": result.epochs_run, "best_epoch": result.best_epoch, "seed": args.seed,
                   "beta": config.beta, "kl_warmup": config.kl_warmup, "free_bits": config.free_bits,
@@ -234,7 +248,7 @@ def run(args: argparse.Namespace, ctx: distributed.DistContext) -> Optional[Dict
         calibration=calibrated,
         directions=latent_directions,
     )
-    meta = export.export_artifact(vae, args.out, meta, check_x=test_x[:8])
+    meta = export.export_artifact(vae, args.out, meta, check_x=test_x[:8], latent_bank=bank)
     if not args.no_report:
         from training import report  # matplotlib and sklearn load only when a report is written
 

@@ -20,6 +20,8 @@ test metrics' dynamic binarisation, ``data.held_out_splits``) are not exchangeab
 
 A combined kind (``fisher-<compressor>``, ``vae_artifact.combination``) also needs a reference sample of
 normal images that is *not* the calibration sample: the val split, scored the same way (``CalibrationImages``).
+A ``fisher-<compressor>-nn`` kind also tests the artifact's ``latent_neighbour_distance`` (its latent bank
+of training images); it is offered only by artifacts with a bank.
 """
 
 from dataclasses import dataclass
@@ -38,21 +40,28 @@ from vae_artifact.io import load_artifact, save_artifact
 
 # The default kind and K, chosen from the measurements in docs/anomaly.md (both protocols: Fashion-MNIST ->
 # MNIST and MNIST with one class held out).
-DEFAULT_KIND = "fisher-bz2"
+DEFAULT_KIND = "fisher-bz2-nn"
+FALLBACK_KINDS = ("fisher-bz2", "nll-minus-bz2")  # the default without a latent bank, and without a reference
 DEFAULT_K = noise.DEFAULT_K
 NOISE_SEED = 0  # the scoring noise seed recorded in the artifact; the service uses whatever it records
 # Every kind and its compressor (None: the NLL itself). nll-minus-<c>: one statistic; fisher-<c>: combined.
 KINDS: Dict[str, Optional[str]] = {"nll": None, **{f"nll-minus-{c}": c for c in complexity.COMPRESSORS},
-                                   f"{combination.PREFIX}bz2": "bz2"}
+                                   f"{combination.PREFIX}bz2": "bz2",
+                                   f"{combination.PREFIX}bz2{combination.NN_SUFFIX}": "bz2"}
 REFERENCE = ("Serrà et al. 2020, Input complexity and out-of-distribution detection with likelihood-based "
              "generative models (ICLR)")
 MAX_ROWS = 2048  # images x K per call of score(): bounds memory for any K
 
 ScoreFn = Callable[[Tensor, Tensor], Tuple[Tensor, ...]]
+NeighboursFn = Callable[[Tensor], Tensor]  # an artifact's latent_neighbour_distance
 
 
 def is_combined(kind: str) -> bool:
     return kind.startswith(combination.PREFIX)
+
+
+def needs_neighbours(kind: str) -> bool:
+    return is_combined(kind) and kind.endswith(combination.NN_SUFFIX)
 
 
 def describe_kind(kind: str) -> Dict:
@@ -60,7 +69,7 @@ def describe_kind(kind: str) -> Dict:
     kind's fitted references are added by ``calibration_sections``)."""
     compressor = KINDS[kind]
     if is_combined(kind):
-        return combination.describe(compressor)
+        return combination.describe(compressor, neighbours=needs_neighbours(kind))
     if compressor is None:
         return {"formula": "-log p(x): K-sample importance-weighted bound", "units": "nats", "complexity": None}
     return {"formula": f"-log p(x) - ln(2) * L(x), L(x) = {compressor} size of x in bits", "units": "nats",
@@ -69,46 +78,62 @@ def describe_kind(kind: str) -> Dict:
 
 @torch.inference_mode()
 def model_scores(score: ScoreFn, images: np.ndarray, *, k: int, noise_seed: int, latent_dim: int,
-                 device: torch.device = torch.device("cpu")) -> Dict[str, np.ndarray]:
+                 device: torch.device = torch.device("cpu"),
+                 neighbours: Optional[NeighboursFn] = None) -> Dict[str, np.ndarray]:
     """uint8 (N, C, H, W) -> per image nll, elbo, rec, kl (nats), se (nats) and ess, float64, from
-    ``score(x, eps)`` called as the service calls it: x = u / 255 and the contract's noise for every row."""
+    ``score(x, eps)`` called as the service calls it: x = u / 255 and the contract's noise for every row; with
+    ``neighbours`` (the artifact's ``latent_neighbour_distance``) also ``latent_nn``."""
     eps = noise.scoring_noise(k, latent_dim, noise_seed).to(device)
     step = max(1, MAX_ROWS // k)
+    names = ("nll", "elbo", "rec", "kl", "se", "ess") + (("latent_nn",) if neighbours is not None else ())
     parts: List[np.ndarray] = []
     for start in range(0, len(images), step):
         x = torch.from_numpy(images[start:start + step]).to(device).float().div_(255.0)
         iw, elbo, rec, kl, log_w = (t.double().cpu().numpy() for t in score(x, noise.for_rows(eps, x.shape[0])))
         stats = importance_stats(log_w.T)  # (K, B) -> (B, K): the service's SE and ESS
-        parts.append(np.stack([-iw, elbo, rec, kl, stats["se"], stats["ess"]], axis=1))
-    out = np.concatenate(parts) if parts else np.zeros((0, 6))
-    return {name: out[:, i] for i, name in enumerate(("nll", "elbo", "rec", "kl", "se", "ess"))}
+        columns = [-iw, elbo, rec, kl, stats["se"], stats["ess"]]
+        if neighbours is not None:
+            columns.append(neighbours(x).double().cpu().numpy())
+        parts.append(np.stack(columns, axis=1))
+    out = np.concatenate(parts) if parts else np.zeros((0, len(names)))
+    return {name: out[:, i] for i, name in enumerate(names)}
 
 
 def kind_scores(nll: np.ndarray, images: np.ndarray, levels: int, kinds: Sequence[str] = tuple(KINDS), *,
                 combinations: Optional[Dict[str, combination.Combination]] = None, elbo: Optional[np.ndarray] = None,
-                ) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
+                latent_nn: Optional[np.ndarray] = None) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
     """({kind: score (N,)}, {compressor: bits (N,)}) for the images whose NLLs (nats) are ``nll``. A combined
-    kind is scored only with its fitted ``combinations[kind]`` and the images' ``elbo`` (left out without)."""
+    kind is scored only with its fitted ``combinations[kind]`` and the images' ``elbo`` (and for a ``-nn``
+    kind their ``latent_nn``); left out without."""
     combinations = combinations if elbo is not None and combinations else {}
-    kinds = [kind for kind in kinds if not is_combined(kind) or kind in combinations]
+    kinds = [kind for kind in kinds if not is_combined(kind)
+             or (kind in combinations and (latent_nn is not None or not combinations[kind].needs_neighbours))]
     bits = {c: complexity.compressed_bits(images, c, levels) for c in {KINDS[k] for k in kinds} - {None}}
-    scores = {kind: combinations[kind].scores(nll, elbo, bits[KINDS[kind]]) if is_combined(kind)
+    scores = {kind: combinations[kind].scores(nll, elbo, bits[KINDS[kind]], latent_nn) if is_combined(kind)
               else complexity.corrected(nll, bits.get(KINDS[kind])) for kind in kinds}
     return scores, bits
 
 
 def fit_combinations(outputs: Dict[str, np.ndarray], images: np.ndarray, levels: int
                      ) -> Dict[str, combination.Combination]:
-    """Every combined kind fitted on reference images (uint8, as served) with ``model_scores`` ``outputs``."""
+    """Every combined kind fitted on reference images (uint8, as served) with ``model_scores`` ``outputs``
+    (the ``-nn`` kinds only when the outputs have ``latent_nn``)."""
+    latent_nn = outputs.get("latent_nn")
     return {kind: combination.Combination.fit(KINDS[kind], outputs["nll"], outputs["elbo"],
-                                              complexity.compressed_bits(images, KINDS[kind], levels))
-            for kind in KINDS if is_combined(kind)}
+                                              complexity.compressed_bits(images, KINDS[kind], levels),
+                                              latent_nn if needs_neighbours(kind) else None)
+            for kind in KINDS if is_combined(kind) and (latent_nn is not None or not needs_neighbours(kind))}
 
 
 def artifact_combinations(kinds: Dict[str, Dict]) -> Dict[str, combination.Combination]:
     """The fitted combined kinds of an artifact's ``scoring.kinds``."""
     return {kind: combination.Combination.from_dict(d["combination"]) for kind, d in kinds.items()
             if is_combined(kind) and d.get("combination") is not None}
+
+
+def artifact_neighbours(module, meta) -> Optional[NeighboursFn]:
+    """The artifact's ``latent_neighbour_distance`` if it lists one (it carries a latent bank), else None."""
+    return module.latent_neighbour_distance if "latent_neighbour_distance" in (meta.get("methods") or {}) else None
 
 
 @dataclass(frozen=True)
@@ -131,20 +156,23 @@ def calibration_images(dataset: Dataset) -> CalibrationImages:
 
 
 def calibration_sections(score: ScoreFn, images: Union[CalibrationImages, np.ndarray], *, k: int, noise_seed: int,
-                         latent_dim: int, levels: int, device: torch.device = torch.device("cpu")) -> Tuple[Dict, Dict]:
+                         latent_dim: int, levels: int, device: torch.device = torch.device("cpu"),
+                         neighbours: Optional[NeighboursFn] = None) -> Tuple[Dict, Dict]:
     """The artifact's ``scoring`` and ``calibration`` sections from the held-out images (uint8, as served). A
-    bare array is the calib split alone: the combined kinds, which need a reference sample, are left out."""
+    bare array is the calib split alone: the combined kinds, which need a reference sample, are left out; so
+    are the ``-nn`` kinds without ``neighbours`` (the artifact's ``latent_neighbour_distance``)."""
     calib, reference = (images.calib, images.reference) if isinstance(images, CalibrationImages) else (images, None)
-    fit = dict(k=k, noise_seed=noise_seed, latent_dim=latent_dim, device=device)
+    fit = dict(k=k, noise_seed=noise_seed, latent_dim=latent_dim, device=device, neighbours=neighbours)
     combinations = {}
     if reference is not None and len(reference):
         combinations = fit_combinations(model_scores(score, reference, **fit), reference, levels)
     out = model_scores(score, calib, **fit)
-    scores, _ = kind_scores(out["nll"], calib, levels, combinations=combinations, elbo=out["elbo"])
+    scores, _ = kind_scores(out["nll"], calib, levels, combinations=combinations, elbo=out["elbo"],
+                            latent_nn=out.get("latent_nn"))
     descriptions = {kind: describe_kind(kind) for kind in scores}
     for kind, fitted in combinations.items():
         descriptions[kind]["combination"] = fitted.to_dict()
-    default = DEFAULT_KIND if DEFAULT_KIND in scores else "nll-minus-bz2"
+    default = next(kind for kind in (DEFAULT_KIND, *FALLBACK_KINDS) if kind in scores)
     scoring = {"k": k, "noise_seed": noise_seed, "noise": noise.DESCRIPTION, "default": default,
                "kinds": descriptions,
                "batch_invariant": True}  # training.export.ServingModule.score reduces over K per row
@@ -154,11 +182,13 @@ def calibration_sections(score: ScoreFn, images: Union[CalibrationImages, np.nda
 
 
 def recalibrate(model: Path, *, out: Optional[Path] = None, data: Optional[str] = None, k: Optional[int] = None,
-                assume_defaults: bool = False) -> Dict:
+                assume_defaults: bool = False, latent_bank: Optional[int] = None) -> Dict:
     """Recompute every kind's calibration of an artifact from its own calib split, with its own TorchScript
     ``score``, and write the artifact again (``out``, default in place). Returns the calibration section.
     The split is rebuilt from the artifact's data recipe (``training.recipe``); SystemExit, writing nothing,
-    when that cannot be done exactly. ``data``: the same source at another location."""
+    when that cannot be done exactly. ``data``: the same source at another location. ``latent_bank``: an
+    artifact without a bank is first exported again, same weights, with one of that many training images
+    (``training.export.with_latent_bank``), so that it offers the ``-nn`` kinds."""
     module, meta = load_artifact(model)
     document = meta.to_dict()
     recorded = document.get("data") or {}
@@ -166,10 +196,14 @@ def recalibrate(model: Path, *, out: Optional[Path] = None, data: Optional[str] 
         dataset = recorded_dataset(recorded, data=data, assume_defaults=assume_defaults)
     except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"{model}: cannot recalibrate: {exc}") from exc
+    if latent_bank and artifact_neighbours(module, meta) is None:
+        from training import export  # the model code loads only to export again
+
+        module, document["methods"] = export.with_latent_bank(module, meta, dataset, latent_bank)
     k = k or meta.scoring.k
     scoring, calibration = calibration_sections(
         module.score, calibration_images(dataset), k=k, noise_seed=meta.scoring.noise_seed,
-        latent_dim=meta.latent_dim, levels=meta.levels)
+        latent_dim=meta.latent_dim, levels=meta.levels, neighbours=artifact_neighbours(module, document))
     # A property of the module's TorchScript, which recalibration keeps: an older score reduces over K in a way
     # that depends on the call size, and the service must keep scoring it at one fixed size.
     scoring["batch_invariant"] = meta.scoring.batch_invariant

@@ -12,6 +12,10 @@ The artifact contract (docs/architecture.md). Exported methods, all float32 on t
   chosen by the caller (so a seed decides the samples): z = mu_k + sigma_k * eps under the VampPrior, z = eps
   under N(0, I).
 - ``prior_log_prob(z) -> log p(z)``: z (..., D) -> (...), nats.
+- ``latent_neighbour_distance(x) -> d``: x as for ``encode`` -> (B,) Euclidean distance from the posterior mean to
+  the nearest row of the buffer ``latent_bank`` (N, D), posterior means of training images (``latent_bank``
+  below); each row on its own, so a row's distance does not depend on its batch. Listed in ``methods`` only
+  when the artifact has a bank.
 ``metadata.json`` is described by ``build_metadata`` and checked, saved and loaded by the contract's own
 package (``vae_artifact``); this module only builds the serving module and proves it equals the eager model.
 """
@@ -19,16 +23,19 @@ package (``vae_artifact``); this module only builds the serving module and prove
 import logging
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import numpy as np
 
 import torch
 from torch import Tensor, nn
 
 from training import objectives, priors
-from training.model import VAE
+from training.data import Dataset, Split, to_8bit
+from training.model import VAE, VAEConfig
 from vae_artifact.errors import ArtifactError
 from vae_artifact.io import load_artifact, quiet_torchscript, save_artifact
-from vae_artifact.metadata import FORMAT_VERSION, METHODS, PRIOR_METHODS
+from vae_artifact.metadata import FORMAT_VERSION, METHODS, NEIGHBOUR_METHODS, PRIOR_METHODS
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +52,14 @@ class ServingModule(nn.Module):
     which makes its sampler a gather and spares every score call N encoder passes.
     """
 
-    def __init__(self, vae: VAE) -> None:
+    def __init__(self, vae: VAE, latent_bank: Optional[Tensor] = None) -> None:
         super().__init__()
         self.vae = vae
+        # Posterior means of training images (``latent_bank``); empty: no bank, the method raises.
+        bank = torch.zeros(0, vae.config.latent_dim) if latent_bank is None else latent_bank.detach().float()
+        if bank.ndim != 2 or bank.shape[1] != vae.config.latent_dim:
+            raise ValueError(f"latent_bank must be (N, {vae.config.latent_dim}), got {tuple(bank.shape)}")
+        self.register_buffer("latent_bank", bank.contiguous())
         self.closed_form_kl = vae.vamp is None
         if vae.vamp is None:
             self.prior: nn.Module = priors.StandardNormal()
@@ -82,6 +94,15 @@ class ServingModule(nn.Module):
         return iw, rec - kl, rec, kl, log_w
 
     @torch.jit.export
+    def latent_neighbour_distance(self, x: Tensor) -> Tensor:
+        if self.latent_bank.shape[0] == 0:
+            raise RuntimeError("this artifact has no latent bank")
+        mu, _ = self.encode(x)
+        # Pair by pair, not through a matrix product: a row's distances then do not depend on the other rows.
+        distances = torch.cdist(mu, self.latent_bank, compute_mode="donot_use_mm_for_euclid_dist")
+        return distances.min(dim=1).values
+
+    @torch.jit.export
     def sample_prior(self, eps: Tensor, component: Tensor) -> Tensor:
         return self.prior.sample(eps, component)
 
@@ -90,9 +111,39 @@ class ServingModule(nn.Module):
         return self.prior.log_prob(z)
 
 
-def build_metadata(vae: VAE, **sections: Any) -> Dict[str, Any]:
+@torch.inference_mode()
+def latent_bank(vae: VAE, split: Split, levels: int, n: int, seed: int = 0, batch_size: int = 512) -> Tensor:
+    """Posterior means (n, D) of a seeded uniform sample of ``n`` images of ``split`` (all of them when it has
+    fewer), encoded as served: 8-bit, through ``ServingModule.encode``."""
+    rng = np.random.default_rng(seed)
+    picks = np.sort(rng.choice(len(split), size=n, replace=False)) if n < len(split) else np.arange(len(split))
+    images = to_8bit(split.images[picks], levels)
+    serving = ServingModule(vae.eval())
+    device = next(vae.parameters()).device
+    parts = [serving.encode(torch.from_numpy(images[i:i + batch_size]).to(device).float().div_(255.0))[0]
+             for i in range(0, len(images), batch_size)]
+    return torch.cat(parts).cpu() if parts else torch.zeros(0, vae.config.latent_dim)
+
+
+def with_latent_bank(module: torch.jit.ScriptModule, meta: Mapping[str, Any], dataset: Dataset, n: int,
+                     seed: int = 0) -> Tuple[torch.jit.ScriptModule, Dict[str, str]]:
+    """An artifact's module scripted again from its own config and weights, now with a latent bank of ``n``
+    images of ``dataset``'s train split; and the ``methods`` its metadata must then list. Every method is
+    checked against the eager model (ArtifactError on a mismatch)."""
+    vae = VAE(VAEConfig(**meta["model"]["config"]))
+    vae.load_state_dict({name[len("vae."):]: t for name, t in module.state_dict().items() if name.startswith("vae.")})
+    bank = latent_bank(vae, dataset.train, dataset.levels, n, seed=seed)
+    serving = ServingModule(vae.eval(), bank).eval()
+    with quiet_torchscript():
+        scripted = torch.jit.script(serving)
+    compare_with_eager(serving, scripted, torch.from_numpy(to_8bit(dataset.test.images[:8], dataset.levels)).float() / 255)
+    return scripted, {**METHODS, **NEIGHBOUR_METHODS}
+
+
+def build_metadata(vae: VAE, *, neighbours: bool = False, **sections: Any) -> Dict[str, Any]:
     """The metadata.json document. ``sections`` adds the caller's parts: data, training, evaluation,
-    calibration (each a JSON-able dict). The model and versioning parts are filled in here."""
+    calibration (each a JSON-able dict). The model and versioning parts are filled in here; ``neighbours``:
+    the artifact carries a latent bank (its method is listed)."""
     cfg = vae.config
     meta: Dict[str, Any] = {
         "format_version": FORMAT_VERSION,
@@ -111,7 +162,7 @@ def build_metadata(vae: VAE, **sections: Any) -> Dict[str, Any]:
             "support": "{0, 1} (threshold 0.5)" if cfg.likelihood == "bernoulli" else f"k / {cfg.levels - 1}",
             "num_dims": cfg.num_dims,
         },
-        "methods": METHODS,
+        "methods": {**METHODS, **NEIGHBOUR_METHODS} if neighbours else METHODS,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "torch_version": torch.__version__,
     }
@@ -119,12 +170,13 @@ def build_metadata(vae: VAE, **sections: Any) -> Dict[str, Any]:
     return meta
 
 
-def export_artifact(vae: VAE, path: Path, metadata: Dict[str, Any], check_x: Tensor) -> Dict[str, Any]:
-    """Script ``vae``, save it with ``metadata`` (the contract adds the weights sha256), reload it and compare
-    every method with the eager model on ``check_x``. Returns the written metadata document; raises
-    ArtifactError on any mismatch."""
+def export_artifact(vae: VAE, path: Path, metadata: Dict[str, Any], check_x: Tensor,
+                    latent_bank: Optional[Tensor] = None) -> Dict[str, Any]:
+    """Script ``vae`` (with ``latent_bank``, if given), save it with ``metadata`` (the contract adds the weights
+    sha256), reload it and compare every method with the eager model on ``check_x``. Returns the written
+    metadata document; raises ArtifactError on any mismatch."""
     vae = vae.eval().cpu()
-    serving = ServingModule(vae).eval()
+    serving = ServingModule(vae, latent_bank).eval()
     with quiet_torchscript():
         scripted = torch.jit.script(serving)
     written = save_artifact(scripted, path, metadata)
@@ -149,6 +201,8 @@ def compare_with_eager(eager: ServingModule, scripted: torch.jit.ScriptModule, x
         "sample_prior": (eager.sample_prior(eps[0], component), scripted.sample_prior(eps[0], component)),
         "prior_log_prob": (eager.prior_log_prob(eps), scripted.prior_log_prob(eps)),
     }
+    if eager.latent_bank.shape[0]:
+        pairs["latent_neighbour_distance"] = (eager.latent_neighbour_distance(x), scripted.latent_neighbour_distance(x))
     worst = 0.0
     for name, (a, b) in pairs.items():
         a_list = list(a) if isinstance(a, tuple) else [a]
@@ -163,4 +217,5 @@ def compare_with_eager(eager: ServingModule, scripted: torch.jit.ScriptModule, x
     return worst
 
 
-__all__ = ["ArtifactError", "ServingModule", "build_metadata", "compare_with_eager", "export_artifact"]
+__all__ = ["ArtifactError", "ServingModule", "build_metadata", "compare_with_eager", "export_artifact", "latent_bank",
+           "with_latent_bank"]

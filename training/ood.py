@@ -23,7 +23,8 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from training.calibration import ScoreFn, artifact_combinations, kind_scores, model_scores, recalibrate
+from training.calibration import (NeighboursFn, ScoreFn, artifact_combinations, artifact_neighbours, kind_scores,
+                                  model_scores, recalibrate)
 from training.data import load_dataset, to_8bit
 from vae_artifact import complexity
 from vae_artifact.calibration import Calibration
@@ -44,22 +45,24 @@ def detection_metrics(normal: np.ndarray, ood: np.ndarray) -> Dict[str, float]:
             "fpr_at_95_tpr": float(fpr[np.searchsorted(tpr, 0.95, side="left")])}
 
 
-def evaluate_artifact(score: ScoreFn, meta: Metadata, normal: np.ndarray, ood: np.ndarray) -> Dict:
+def evaluate_artifact(score: ScoreFn, meta: Metadata, normal: np.ndarray, ood: np.ndarray,
+                      neighbours: Optional[NeighboursFn] = None) -> Dict:
     """Every score kind and every model-free baseline on normal-test vs OOD-test uint8 images.
 
     Kinds: AUROC / AUPRC / FPR at 95% TPR, and with the artifact's calibration scores the false-positive rate
     on the (fresh) normal images and the detection rate on the OOD images at each level in ``ALPHAS``.
     Baselines ``size-<compressor>``: minus the compressed size alone (simpler = stranger, the direction that
     works for Fashion-MNIST -> MNIST; it is chosen knowing the OOD set, so it flatters the baseline).
+    ``neighbours``: the artifact's ``latent_neighbour_distance``, which its ``-nn`` kinds need.
     """
     k, levels = meta.scoring.k, meta.levels
     started = time.perf_counter()
-    outs = [model_scores(score, x, k=k, noise_seed=meta.scoring.noise_seed, latent_dim=meta.latent_dim)
-            for x in (normal, ood)]
+    outs = [model_scores(score, x, k=k, noise_seed=meta.scoring.noise_seed, latent_dim=meta.latent_dim,
+                         neighbours=neighbours) for x in (normal, ood)]
     model_s = time.perf_counter() - started
     combinations = artifact_combinations(meta.to_dict()["scoring"]["kinds"])
-    (s_n, bits_n), (s_o, bits_o) = (kind_scores(o["nll"], x, levels, combinations=combinations, elbo=o["elbo"])
-                                    for o, x in zip(outs, (normal, ood)))
+    (s_n, bits_n), (s_o, bits_o) = (kind_scores(o["nll"], x, levels, combinations=combinations, elbo=o["elbo"],
+                                                latent_nn=o.get("latent_nn")) for o, x in zip(outs, (normal, ood)))
     kinds: Dict[str, Dict] = {}
     for kind in s_n:
         row = detection_metrics(s_n[kind], s_o[kind])
@@ -128,7 +131,7 @@ def cmd_evaluate(args: argparse.Namespace) -> Dict:
     if args.holdout_class is not None and classes is not None and args.holdout_class in classes:
         print(f"warning: {args.model} was trained on class {args.holdout_class}", file=sys.stderr)
     normal, ood = _test_sets(args)
-    result = evaluate_artifact(module.score, meta, normal, ood)
+    result = evaluate_artifact(module.score, meta, normal, ood, artifact_neighbours(module, meta))
     result.update(model=str(args.model), normal=args.normal, ood=args.ood, holdout_class=args.holdout_class)
     print(format_table(result))
     return result
@@ -137,7 +140,7 @@ def cmd_evaluate(args: argparse.Namespace) -> Dict:
 def cmd_calibrate(args: argparse.Namespace) -> Dict:
     """Recompute every kind's calibration of an artifact from its own calib split and rewrite its metadata."""
     calibration = recalibrate(args.model, out=args.out, data=args.data, k=args.k,
-                              assume_defaults=args.assume_training_defaults)
+                              assume_defaults=args.assume_training_defaults, latent_bank=args.latent_bank)
     print(f"{args.out or args.model}: calibrated {list(calibration['scores'])} on n={calibration['n']} "
           f"with K={calibration['k']}")
     return calibration
@@ -151,6 +154,7 @@ def cmd_sweep_k(args: argparse.Namespace) -> Dict:
     normal, ood = _test_sets(args)
     latent_dim, levels = meta.latent_dim, meta.levels
     combinations = artifact_combinations(meta.to_dict()["scoring"]["kinds"])
+    neighbours = artifact_neighbours(module, meta)
     default = meta.scoring.default
     few = normal[: args.repeat_images]
     rows = {}
@@ -158,14 +162,15 @@ def cmd_sweep_k(args: argparse.Namespace) -> Dict:
           f"{'AUROC nll':>9s} {'AUROC ' + default:>20s}")
     for k in args.ks:
         started, cpu_started = time.perf_counter(), time.process_time()  # CPU time: less at the mercy of a busy host
-        out_n = model_scores(module.score, normal, k=k, noise_seed=0, latent_dim=latent_dim)
+        out_n = model_scores(module.score, normal, k=k, noise_seed=0, latent_dim=latent_dim, neighbours=neighbours)
         ms = 1000 * (time.perf_counter() - started) / len(normal)
         cpu_ms = 1000 * (time.process_time() - cpu_started) / len(normal)
-        out_o = model_scores(module.score, ood, k=k, noise_seed=0, latent_dim=latent_dim)
+        out_o = model_scores(module.score, ood, k=k, noise_seed=0, latent_dim=latent_dim, neighbours=neighbours)
         reps = np.stack([model_scores(module.score, few, k=k, noise_seed=seed, latent_dim=latent_dim)["nll"]
                          for seed in range(args.repeats)])  # (R, n)
         # A combined kind keeps the references fitted at the artifact's K: an AUROC only, no p-values, at other K.
-        s_n, s_o = (kind_scores(o["nll"], x, levels, combinations=combinations, elbo=o["elbo"])[0]
+        s_n, s_o = (kind_scores(o["nll"], x, levels, combinations=combinations, elbo=o["elbo"],
+                                latent_nn=o.get("latent_nn"))[0]
                     for o, x in ((out_n, normal), (out_o, ood)))
         rows[k] = {"nll": float(reps.mean()), "seed_sd": float(reps.std(axis=0, ddof=1).mean()),
                    "se_mean": float(np.mean(out_n["se"])) if k > 1 else None, "ess": float(out_n["ess"].mean()),
@@ -206,6 +211,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "(--val-fraction, --image-size, --channels) for what the recipe lacks; the recorded split "
                         "sizes and image shape are still checked")
     c.add_argument("--k", type=int, default=None, help="importance samples (default: the artifact's scoring.k)")
+    c.add_argument("--latent-bank", type=int, default=None, metavar="N",
+                   help="an artifact without a latent bank: export it again with one of N training images (its "
+                        "recorded train split; same weights), so that it offers the fisher-bz2-nn kind")
     c.add_argument("--out", type=Path, default=None, help="write here instead of rewriting --model in place")
     return p.parse_args(argv)
 

@@ -26,6 +26,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from training.data import load_dataset, to_8bit
+from training.calibration import artifact_neighbours
 from training.ood import ALPHAS, evaluate_artifact
 from vae_artifact.io import load_artifact
 
@@ -96,7 +97,7 @@ def run(args: argparse.Namespace) -> Dict:
         module, meta = load_artifact(path)
         normal, ood = test_sets(protocol, data, args.limit)
         started = time.perf_counter()
-        result = evaluate_artifact(module.score, meta, normal, ood)
+        result = evaluate_artifact(module.score, meta, normal, ood, artifact_neighbours(module, meta))
         result.update(model=str(path), evaluation=meta["evaluation"], training=meta.get("training"))
         results[protocol.name] = result
         print(f"[{protocol.name}] evaluated in {time.perf_counter() - started:.0f}s", flush=True)

@@ -37,6 +37,12 @@ PRIOR_METHODS = {
     "sample_prior": "sample_prior(eps: float32[B,D] ~ N(0,I), component: int64[B] in [0, components)) -> z[B,D]",
     "prior_log_prob": "prior_log_prob(z: float32[...,D]) -> log p(z)[...], nats",
 }
+# The latent bank's method, listed in ``methods`` by artifacts that carry a bank (a buffer ``latent_bank``
+# [N, D]: posterior means of training images); the ``latent-nn`` statistic of the fisher-<c>-nn score kinds.
+NEIGHBOUR_METHODS = {
+    "latent_neighbour_distance": "latent_neighbour_distance(x: float32[B,C,H,W] in [0,1]) -> distance[B]: "
+    "Euclidean, from the posterior mean to the nearest row of latent_bank[N,D]",
+}
 PRIORS = ("standard", "vamp")  # N(0, I); the VampPrior (a uniform mixture of posteriors at pseudo-inputs)
 
 

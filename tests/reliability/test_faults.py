@@ -111,9 +111,9 @@ class FailingKernels(ModelRuntime):
         self._check((z == POISON).all(axis=1))
         return super().decode(z)
 
-    def score(self, images: np.ndarray, k: int) -> Dict[str, np.ndarray]:
+    def score(self, images: np.ndarray, k: int, neighbours: bool = False) -> Dict[str, np.ndarray]:
         self._check((images == POISON).all(axis=(1, 2, 3)))
-        return super().score(images, k)
+        return super().score(images, k, neighbours)
 
     @staticmethod
     def _check(poisoned: np.ndarray) -> None:
@@ -144,6 +144,9 @@ class TightMemory:
 
     def score(self, x, eps):
         return self._call("score", x, eps)
+
+    def latent_neighbour_distance(self, x):
+        return self._call("latent_neighbour_distance", x)
 
 
 class SmallDevice(ModelRuntime):

@@ -30,6 +30,10 @@ class Recording:
         self.sizes.append(("score", x.shape[0]))
         return self.module.score(x, eps)
 
+    def latent_neighbour_distance(self, x):
+        self.sizes.append(("neighbours", x.shape[0]))
+        return self.module.latent_neighbour_distance(x)
+
 
 @pytest.fixture(scope="module")
 def runtime(digits_artifact):
@@ -66,7 +70,7 @@ def any_runtime(request, digits_artifact, runtime):
     return on_device
 
 
-@pytest.mark.parametrize("kernel", ["encode", "decode", "score"])
+@pytest.mark.parametrize("kernel", ["encode", "decode", "score", "neighbours"])
 def test_rows_are_bit_identical_at_every_batch_size(any_runtime, digit_images, kernel):
     """Every batch size from 1 to the row limit, every row (real digits: the K weights' summation order shows
     on typical inputs, not on noise). On a GPU too, where cuDNN and cuBLAS choose kernels by shape."""
@@ -79,6 +83,7 @@ def test_rows_are_bit_identical_at_every_batch_size(any_runtime, digit_images, k
         "decode": lambda n: runtime.decode(latents[:n])["pixels"],
         "score": lambda n: np.column_stack([runtime.score(images[:n], runtime.info.score_k)[name]
                                             for name in ("iw_ll", "elbo", "rec", "kl")]),
+        "neighbours": lambda n: runtime.neighbours(images[:n])["latent_nn"],
     }[kernel]
     limit = runtime.max_rows(kernel, runtime.info.score_k)
     reference = run(limit)
