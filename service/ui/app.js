@@ -371,6 +371,9 @@ function scoreView(result, row, alpha) {
     ["NLL", `${fmt(row.nll_nats)} nats (${fmt(row.nll_bits_per_dim, 3)} bits/dim)`],
     ["ELBO", `${fmt(row.elbo_nats)} nats = ${fmt(row.reconstruction_nats)} reconstruction − ${fmt(row.kl_nats)} KL`],
   ];
+  if (row.neighbour_distance !== null && row.neighbour_distance !== undefined) {
+    facts.push(["Latent distance", `${fmt(row.neighbour_distance, 3)} to the nearest training image`]);
+  }
   return el("div", { class: "slot-score" },
     el("p", { class: "verdict", "data-verdict": kind, text: verdict }),
     el("dl", { class: "facts" }, ...facts.flatMap(([name, value]) => [el("dt", { text: name }), el("dd", { text: value })])));
