@@ -168,7 +168,7 @@ class ModelRuntime:
     @torch.inference_mode()
     def score(self, images: np.ndarray, k: int, neighbours: bool = False) -> Dict[str, np.ndarray]:
         """uint8 (N, C, H, W) -> iw_ll, elbo, rec, kl (N,) and log_w (N, K); noise fixed per K, shared by rows.
-        ``neighbours``: also latent_nn (N,) (``neighbours``)."""
+        With ``neighbours`` also latent_nn (N,), by the ``neighbours`` kernel in the same batcher call."""
         if neighbours:
             return {**self.score(images, k), **self.neighbours(images)}
         eps_k = self._noise_for(k)

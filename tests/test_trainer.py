@@ -88,7 +88,7 @@ def test_resume_continues_where_the_checkpoint_stopped(digits_dataset, tmp_path)
     assert all(s["step"] == 3 * steps_per_epoch for s in after["optimizer"]["state"].values())
 
 
-def test_the_moving_average_is_what_is_validated_and_kept(digits_dataset, monkeypatch):
+def test_the_moving_average_is_what_is_validated_and_kept(digits_dataset):
     """With --ema the training trajectory is unchanged; the model ends holding the average of the weights after
     every step (computed here independently, in float64, from a hook on the optimizer), and the history's
     validation ELBO is the average's."""

@@ -216,11 +216,11 @@ def run(args: argparse.Namespace, ctx: distributed.DistContext) -> Optional[Dict
     test_x = to_float(test.images, eval_levels)
     metrics = evaluate.test_metrics(vae, test_x, device, k=args.eval_k, seed=args.seed, n=args.eval_n,
                                     progress=progress)
-    # Every score kind of the calib split, computed as the service will: 8-bit images through ``score`` (for a
-    # binarised model too: the test metrics above use the dynamically binarised split, the scores may not).
     # The latent bank (posterior means of training images, as served) for the fisher-<c>-nn kinds.
     bank = export.latent_bank(vae, ds.train, ds.levels, args.latent_bank, seed=args.seed) if args.latent_bank else None
     serving = export.ServingModule(vae.eval(), bank).to(device)
+    # Every score kind of the calib split, computed as the service will: 8-bit images through ``score`` (for a
+    # binarised model too: the test metrics above use the dynamically binarised split, the scores may not).
     calib_images = calibration.calibration_images(ds)
     scoring, calibrated = calibration.calibration_sections(
         _with_progress(serving.score, len(calib_images), f"calibration (K={args.score_k})", progress), calib_images,

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
-
 import torch
 from torch import Tensor, nn
 
@@ -136,7 +135,8 @@ def with_latent_bank(module: torch.jit.ScriptModule, meta: Mapping[str, Any], da
     serving = ServingModule(vae.eval(), bank).eval()
     with quiet_torchscript():
         scripted = torch.jit.script(serving)
-    compare_with_eager(serving, scripted, torch.from_numpy(to_8bit(dataset.test.images[:8], dataset.levels)).float() / 255)
+    check_x = torch.from_numpy(to_8bit(dataset.test.images[:8], dataset.levels)).float() / 255
+    compare_with_eager(serving, scripted, check_x)
     return scripted, {**METHODS, **NEIGHBOUR_METHODS}
 
 

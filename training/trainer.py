@@ -136,7 +136,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     form under N(0, I), the one-sample estimate under the VampPrior). ``ema``, if given, is updated from the
     unwrapped model after every optimizer step."""
     model.train()
-    latent_dim = unwrap(getattr(model, "_orig_mod", model)).config.latent_dim  # under DDP and/or torch.compile
+    vae = unwrap(getattr(model, "_orig_mod", model))  # under DDP and/or torch.compile
+    latent_dim = vae.config.latent_dim
     steps = len(loader)
     sums = {"loss": 0.0, "rec": 0.0, "kl": 0.0, "elbo": 0.0}
     n, weight = 0, 0.0
@@ -167,7 +168,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         else:
             optimizer.step()
         if ema is not None:
-            ema.update_parameters(unwrap(getattr(model, "_orig_mod", model)))
+            ema.update_parameters(vae)
         b, kl = x.shape[0], kl_dims.sum(dim=1).detach()
         # .item() here is a host-device sync point; one per step is negligible for a model this small.
         batch = {"loss": loss.item(), "rec": rec.detach().mean().item(), "kl": kl.mean().item()}
