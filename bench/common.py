@@ -92,13 +92,27 @@ def to_numpy(tensor) -> np.ndarray:
     return tensor.cpu().numpy()
 
 
-def run_score(module, x, noise) -> Dict[str, np.ndarray]:
-    """The artifact's score(x, eps) with eps the fixed noise shared by every row, as the service calls it."""
+def score_kinds(metadata):
+    """The artifact's score kinds as our service offers them (``service.scoring.ScoreKinds``): the latent-bank
+    kinds too when the artifact has a bank, so every server scores the artifact's default kind."""
+    from service.scoring import ScoreKinds
+    from vae_artifact.metadata import NEIGHBOUR_METHODS
+
+    banked = all(method in metadata.get("methods", {}) for method in NEIGHBOUR_METHODS)
+    return ScoreKinds.from_metadata(metadata, neighbours=banked)
+
+
+def run_score(module, x, noise, neighbours: bool = False) -> Dict[str, np.ndarray]:
+    """The artifact's score(x, eps) with eps the fixed noise shared by every row, as the service calls it; with
+    ``neighbours`` (a kind that ``needs_neighbours``) also its latent_neighbour_distance(x), as the service does."""
     from vae_artifact.noise import for_rows
 
     iw, elbo, rec, kl, log_w = module.score(x, for_rows(noise, x.shape[0]))
-    return {"iw_ll": to_numpy(iw), "elbo": to_numpy(elbo), "rec": to_numpy(rec), "kl": to_numpy(kl),
-            "log_w": to_numpy(log_w.t())}
+    outputs = {"iw_ll": to_numpy(iw), "elbo": to_numpy(elbo), "rec": to_numpy(rec), "kl": to_numpy(kl),
+               "log_w": to_numpy(log_w.t())}
+    if neighbours:
+        outputs["latent_nn"] = to_numpy(module.latent_neighbour_distance(x))
+    return outputs
 
 
 def encode_body(mu: np.ndarray, logvar: np.ndarray) -> bytes:

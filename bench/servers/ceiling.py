@@ -20,7 +20,6 @@ from fastapi import FastAPI, Request, Response
 
 from bench import common
 from service.inputs import multipart_files
-from service.scoring import ScoreKinds
 
 JSON = "application/json"
 
@@ -28,7 +27,7 @@ JSON = "application/json"
 def create_app(model_path: Path) -> FastAPI:
     metadata = common.read_metadata(model_path)
     shape = common.model_shape(metadata)
-    kind = ScoreKinds.from_metadata(metadata).get(None)
+    kind = common.score_kinds(metadata).get(None)
     d, k = shape.latent_dim, shape.score_k
     app = FastAPI()
 
@@ -39,7 +38,8 @@ def create_app(model_path: Path) -> FastAPI:
     @lru_cache(maxsize=None)
     def score_body(n: int) -> bytes:
         zeros = np.zeros(n, np.float32)
-        outputs = {"iw_ll": zeros, "elbo": zeros, "rec": zeros, "kl": zeros, "log_w": np.zeros((n, k), np.float32)}
+        outputs = {"iw_ll": zeros, "elbo": zeros, "rec": zeros, "kl": zeros, "log_w": np.zeros((n, k), np.float32),
+                   **({"latent_nn": zeros} if kind.needs_neighbours else {})}
         bits = None if kind.compressor is None else np.zeros(n)  # the same body size, no compression work
         return common.anomaly_body(outputs, shape, kind, k, bits)
 

@@ -34,11 +34,9 @@ class VAEAPI(ls.LitAPI):
         self.model_path, self.kernel, self.threads, self.stats = model_path, kernel, threads, stats
 
     def setup(self, device: str) -> None:  # LitServe's device for this worker: "cpu" or "cuda:N"
-        from service.scoring import ScoreKinds
-
         metadata = common.read_metadata(self.model_path)
         self.shape = common.model_shape(metadata)
-        self.kinds = ScoreKinds.from_metadata(metadata)
+        self.kinds = common.score_kinds(metadata)
         self.kind = self.kinds.get(None)  # the artifact's default score kind, as our service computes it
         self.device = device
         self.module = common.load_model(self.model_path, self.threads, device)
@@ -70,7 +68,7 @@ class VAEAPI(ls.LitAPI):
                 mu, logvar = (common.to_numpy(t) for t in self.module.encode(x))
                 return [common.encode_body(m, v) for m, v in zip(common.split_rows(mu, sizes),
                                                                   common.split_rows(logvar, sizes))]
-            outputs = common.run_score(self.module, x, self.noise)
+            outputs = common.run_score(self.module, x, self.noise, self.kind.needs_neighbours)
             outputs["bits"] = self.kinds.complexity_bits(self.kind, np.concatenate(inputs))
             parts = {name: common.split_rows(v, sizes) if v is not None else [None] * len(sizes)
                      for name, v in outputs.items()}

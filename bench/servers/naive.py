@@ -16,7 +16,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from bench import common
-from service.scoring import ScoreKinds
 
 JSON = "application/json"
 
@@ -24,7 +23,7 @@ JSON = "application/json"
 def create_app(model_path: Path, threads: int, device: str = "cpu") -> FastAPI:
     metadata = common.read_metadata(model_path)
     shape = common.model_shape(metadata)
-    kinds = ScoreKinds.from_metadata(metadata)
+    kinds = common.score_kinds(metadata)
     kind = kinds.get(None)  # the artifact's default score kind, as our service computes it
     module = common.load_model(model_path, threads, device)
     noise = common.score_noise(shape, shape.score_k, device)
@@ -44,7 +43,7 @@ def create_app(model_path: Path, threads: int, device: str = "cpu") -> FastAPI:
 
     def score(images: np.ndarray) -> bytes:
         with torch.inference_mode():
-            outputs = common.run_score(module, common.to_tensor(images, device), noise)
+            outputs = common.run_score(module, common.to_tensor(images, device), noise, kind.needs_neighbours)
         return common.anomaly_body(outputs, shape, kind, shape.score_k, kinds.complexity_bits(kind, images))
 
     def sample(n: int, seed: int) -> bytes:
