@@ -218,3 +218,20 @@ def test_an_ema_decay_outside_0_1_is_a_usage_error(capsys, value):
         parse_args(["--ema", value])
     assert exc.value.code == 2 and "--ema is a decay per step in [0, 1)" in capsys.readouterr().err
     assert parse_args(["--ema", "0.999"]).ema == 0.999 and parse_args([]).ema == 0.0
+
+
+def test_resuming_warns_about_changed_settings_only(tmp_path, caplog):
+    """A checkpoint written before a setting existed ran at that setting's default: no warning for it, nor for
+    more --epochs (how a run is extended); a setting that really changed is named."""
+    tiny = ["--data", "digits", "--device", "cpu", "--eval-k", "4", "--score-k", "4", "--latent-dim", "4",
+            "--base-width", "8", "--latent-bank", "0", "--no-report", "--quiet", "--out", str(tmp_path / "vae.ts")]
+    assert main([*tiny, "--epochs", "1"]) == 0
+    checkpoint = trainer.load_checkpoint(tmp_path / "vae.ckpt")
+    del checkpoint["train_config"]["ema"]  # as written before --ema existed
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    caplog.clear()
+    assert main([*tiny, "--epochs", "2", "--resume", str(tmp_path / "old.ckpt")]) == 0
+    assert not [r for r in caplog.records if "changed training settings" in r.getMessage()]
+    assert main([*tiny, "--epochs", "3", "--lr", "1e-3", "--resume", str(tmp_path / "vae.ckpt")]) == 0
+    warned = [r.getMessage() for r in caplog.records if "changed training settings" in r.getMessage()]
+    assert len(warned) == 1 and "'lr': (0.002, 0.001)" in warned[0] and "epochs" not in warned[0]

@@ -192,10 +192,13 @@ def run(args: argparse.Namespace, ctx: distributed.DistContext) -> Optional[Dict
     val, test, eval_levels = held_out_splits(ds, args.binarize)
     resume = trainer.load_checkpoint(args.resume) if args.resume else None
     config = train_config(args)
-    if resume is not None and resume["train_config"] != asdict(config):
-        changed = {k: (resume["train_config"].get(k), v) for k, v in asdict(config).items()
-                   if resume["train_config"].get(k) != v}
-        log.warning("resuming with changed training settings (checkpoint, now): %s", changed)
+    if resume is not None:
+        # A setting added since the checkpoint was written ran at its default, which keeps the old behaviour;
+        # --epochs is how a run is extended.
+        recorded = {**asdict(trainer.TrainConfig()), **resume["train_config"]}
+        changed = {k: (recorded[k], v) for k, v in asdict(config).items() if recorded[k] != v and k != "epochs"}
+        if changed:
+            log.warning("resuming with changed training settings (checkpoint, now): %s", changed)
     torch.manual_seed(args.seed)  # the weight initialisation; everything later has its own seeded generator
     vae = VAE(model_config(args, ds, resume))
     if vae.vamp is not None and resume is None:
