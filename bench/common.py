@@ -96,10 +96,9 @@ def score_kinds(metadata):
     """The artifact's score kinds as our service offers them (``service.scoring.ScoreKinds``): the latent-bank
     kinds too when the artifact has a bank, so every server scores the artifact's default kind."""
     from service.scoring import ScoreKinds
-    from vae_artifact.metadata import NEIGHBOUR_METHODS
+    from vae_artifact.metadata import lists_latent_bank
 
-    banked = all(method in metadata.get("methods", {}) for method in NEIGHBOUR_METHODS)
-    return ScoreKinds.from_metadata(metadata, neighbours=banked)
+    return ScoreKinds.from_metadata(metadata, neighbours=lists_latent_bank(metadata))
 
 
 def run_score(module, x, noise, neighbours: bool = False) -> Dict[str, np.ndarray]:

@@ -22,7 +22,8 @@ from service.devices import pin_cpu_numerics, pin_gpu_numerics, resolve_device
 from vae_artifact import noise
 from vae_artifact.errors import ArtifactError
 from vae_artifact.io import file_sha256, load_artifact
-from vae_artifact.metadata import KERNELS as METHOD_KERNELS, NEIGHBOUR_METHODS, PRIOR_METHODS, Metadata
+from vae_artifact.metadata import (KERNELS as METHOD_KERNELS, NEIGHBOUR_METHODS, PRIOR_METHODS, Metadata,
+                                   lists_latent_bank)
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ class ModelRuntime:
         if not meta.prior.is_standard and not all(hasattr(self.module, name) for name in PRIOR_METHODS):
             raise ArtifactError(f"{path}: the {meta.prior.name} prior needs the artifact's {list(PRIOR_METHODS)}")
         # A latent bank (listed in ``methods``): the fisher-<c>-nn score kinds are offered.
-        self.has_neighbours = all(name in (meta.get("methods") or {}) for name in NEIGHBOUR_METHODS)
+        self.has_neighbours = lists_latent_bank(meta)
         if self.has_neighbours and not all(hasattr(self.module, name) for name in NEIGHBOUR_METHODS):
             raise ArtifactError(f"{path}: the metadata lists {list(NEIGHBOUR_METHODS)}, the module lacks them")
         self.info = ModelInfo(

@@ -37,6 +37,7 @@ from training.recipe import recorded_dataset
 from vae_artifact import combination, complexity, noise
 from vae_artifact.calibration import importance_stats
 from vae_artifact.io import load_artifact, save_artifact
+from vae_artifact.metadata import lists_latent_bank
 
 # The default kind and K, chosen from the measurements in docs/anomaly.md (both protocols: Fashion-MNIST ->
 # MNIST and MNIST with one class held out).
@@ -133,7 +134,7 @@ def artifact_combinations(kinds: Dict[str, Dict]) -> Dict[str, combination.Combi
 
 def artifact_neighbours(module, meta) -> Optional[NeighboursFn]:
     """The artifact's ``latent_neighbour_distance`` if it lists one (it carries a latent bank), else None."""
-    return module.latent_neighbour_distance if "latent_neighbour_distance" in (meta.get("methods") or {}) else None
+    return module.latent_neighbour_distance if lists_latent_bank(meta) else None
 
 
 @dataclass(frozen=True)

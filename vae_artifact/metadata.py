@@ -43,7 +43,13 @@ NEIGHBOUR_METHODS = {
     "latent_neighbour_distance": "latent_neighbour_distance(x: float32[B,C,H,W] in [0,1]) -> distance[B]: "
     "Euclidean, from the posterior mean to the nearest row of latent_bank[N,D]",
 }
-PRIORS = ("standard", "vamp")  # N(0, I); the VampPrior (a uniform mixture of posteriors at pseudo-inputs)
+PRIORS = ("standard", "vamp")
+
+
+def lists_latent_bank(document: Mapping[str, Any]) -> bool:
+    """Whether a metadata document (or ``Metadata``) lists the latent bank's methods (``NEIGHBOUR_METHODS``)."""
+    methods = document.get("methods") or {}
+    return all(name in methods for name in NEIGHBOUR_METHODS)  # N(0, I); the VampPrior (a uniform mixture of posteriors at pseudo-inputs)
 
 
 @dataclass(frozen=True)
