@@ -75,6 +75,22 @@ class ServerProcess:
         group = sum(_rss_kb(int(p)) for p in os.listdir("/proc") if p.isdigit() and _pgid(int(p)) == self.proc.pid)
         return {"main_mb": main / 1024.0, "group_mb": group / 1024.0}
 
+    def cpu_seconds(self) -> Dict[int, float]:
+        """CPU seconds so far (user + system, every thread) of each process in the server's process group."""
+        if self.proc is None:
+            return {}
+        tick = os.sysconf("SC_CLK_TCK")
+        out = {}
+        for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+            if _pgid(pid) != self.proc.pid:
+                continue
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # the process ended meanwhile
+                continue
+            out[pid] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        return out
+
     def metrics(self) -> str:
         status, body = http("GET", self.url + "/metrics", timeout=5.0)
         return body.decode() if status == 200 else ""
