@@ -23,7 +23,7 @@ from service.codecs import InvalidInput
 from vae_artifact import complexity
 from vae_artifact.combination import Combination
 from vae_artifact.calibration import Calibration, importance_stats
-from vae_artifact.metadata import Metadata
+from vae_artifact.metadata import Metadata, preferred_kind
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +94,9 @@ class ScoreKinds:
             kinds["nll"] = ScoreKind("nll", None, Calibration.from_metadata(metadata, "nll"), {"units": "nats"})
         default = metadata.scoring.default
         if default not in kinds:
-            log.warning("the artifact's default score %r is not available; using nll", default)
-            default = "nll"
+            fallback = preferred_kind(kinds)
+            log.warning("the artifact's default score %r is not available; using %s", default, fallback)
+            default = fallback
         return cls(kinds, default, metadata.levels)
 
     def get(self, name: Optional[str]) -> ScoreKind:

@@ -37,12 +37,12 @@ from training.recipe import recorded_dataset
 from vae_artifact import combination, complexity, noise
 from vae_artifact.calibration import importance_stats
 from vae_artifact.io import load_artifact, save_artifact
-from vae_artifact.metadata import lists_latent_bank
+from vae_artifact.metadata import PREFERRED_KINDS, lists_latent_bank, preferred_kind
 
 # The default kind and K, chosen from the measurements in docs/anomaly.md (both protocols: Fashion-MNIST ->
-# MNIST and MNIST with one class held out).
-DEFAULT_KIND = "fisher-bz2-nn"
-FALLBACK_KINDS = ("fisher-bz2", "nll-minus-bz2")  # the default without a latent bank, and without a reference
+# MNIST and MNIST with one class held out). Without a latent bank, or without a reference split, the default
+# is the next of the contract's PREFERRED_KINDS that was computed.
+DEFAULT_KIND = PREFERRED_KINDS[0]
 DEFAULT_K = noise.DEFAULT_K
 NOISE_SEED = 0  # the scoring noise seed recorded in the artifact; the service uses whatever it records
 # Every kind and its compressor (None: the NLL itself). nll-minus-<c>: one statistic; fisher-<c>: combined.
@@ -173,7 +173,7 @@ def calibration_sections(score: ScoreFn, images: Union[CalibrationImages, np.nda
     descriptions = {kind: describe_kind(kind) for kind in scores}
     for kind, fitted in combinations.items():
         descriptions[kind]["combination"] = fitted.to_dict()
-    default = next(kind for kind in (DEFAULT_KIND, *FALLBACK_KINDS) if kind in scores)
+    default = preferred_kind(scores)
     scoring = {"k": k, "noise_seed": noise_seed, "noise": noise.DESCRIPTION, "default": default,
                "kinds": descriptions,
                "batch_invariant": True}  # training.export.ServingModule.score reduces over K per row

@@ -14,7 +14,7 @@ from collections.abc import Mapping as MappingABC
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, Mapping, Optional, Tuple
 
 from vae_artifact.directions import EMPTY as NO_DIRECTIONS, DirectionsSection
 from vae_artifact.errors import ArtifactError
@@ -43,13 +43,23 @@ NEIGHBOUR_METHODS = {
     "latent_neighbour_distance": "latent_neighbour_distance(x: float32[B,C,H,W] in [0,1]) -> distance[B]: "
     "Euclidean, from the posterior mean to the nearest row of latent_bank[N,D]",
 }
-PRIORS = ("standard", "vamp")
+PRIORS = ("standard", "vamp")  # N(0, I); the VampPrior (a uniform mixture of posteriors at pseudo-inputs)
+# Anomaly score kinds, best first (measured in docs/anomaly.md). A writer records the first it computed as
+# ``scoring.default``; a reader that cannot offer an artifact's default (no latent bank, a compressor it cannot
+# reproduce) uses the first of these it can offer, else ``nll``.
+PREFERRED_KINDS = ("fisher-bz2-nn", "fisher-bz2", "nll-minus-bz2")
 
 
 def lists_latent_bank(document: Mapping[str, Any]) -> bool:
     """Whether a metadata document (or ``Metadata``) lists the latent bank's methods (``NEIGHBOUR_METHODS``)."""
     methods = document.get("methods") or {}
-    return all(name in methods for name in NEIGHBOUR_METHODS)  # N(0, I); the VampPrior (a uniform mixture of posteriors at pseudo-inputs)
+    return all(name in methods for name in NEIGHBOUR_METHODS)
+
+
+def preferred_kind(offered: Iterable[str]) -> str:
+    """The first of ``PREFERRED_KINDS`` among ``offered`` score kinds, else ``nll`` (which every artifact has)."""
+    offered = set(offered)
+    return next((kind for kind in PREFERRED_KINDS if kind in offered), "nll")
 
 
 @dataclass(frozen=True)

@@ -100,7 +100,8 @@ def test_a_malformed_combination_is_not_offered(digits_artifact):
     kinds = ScoreKinds.from_metadata(Metadata.from_dict(document))
     assert KIND not in kinds.kinds and "nll-minus-bz2" in kinds.kinds
     document["scoring"]["default"] = KIND
-    assert ScoreKinds.from_metadata(Metadata.from_dict(document)).default == "nll"
+    # The default falls back to the next preferred kind on offer (without neighbours: no fisher-bz2-nn).
+    assert ScoreKinds.from_metadata(Metadata.from_dict(document)).default == "nll-minus-bz2"
 
 
 def test_a_neighbour_kind_is_offered_only_with_the_artifacts_bank(digits_artifact):
@@ -110,3 +111,5 @@ def test_a_neighbour_kind_is_offered_only_with_the_artifacts_bank(digits_artifac
     assert "fisher-bz2-nn" in ScoreKinds.from_metadata(meta, neighbours=True).kinds
     without = ScoreKinds.from_metadata(meta, neighbours=False)
     assert "fisher-bz2-nn" not in without.kinds and KIND in without.kinds
+    # An artifact whose default needs the bank, served without it: the next preferred kind, not plain nll.
+    assert meta.scoring.default == "fisher-bz2-nn" and without.default == KIND
