@@ -40,6 +40,9 @@ SCORE_FIELDS = {"score": "score_nats", "nll": "nll_nats", "nll_bits_per_dim": "n
                 "nll_se": "nll_se_nats", "ess": "ess", "elbo": "elbo_nats", "reconstruction": "reconstruction_nats",
                 "kl": "kl_nats"}
 CALIBRATED = {"p_value": "p_value", "percentile": "percentile", "is_anomaly": "is_anomaly"}
+# Outputs only some score kinds have: the compressed size (kinds with a compressor), the latent distance to the
+# nearest training image (fisher-<c>-nn kinds). Elsewhere that endpoint gives null; here they are left out.
+PER_KIND = {"complexity_bits": "complexity_bits", "neighbour_distance": "neighbour_distance"}
 
 Run = Callable[[ServiceState, Dict[str, np.ndarray], Any, float, Awaitable], Awaitable[Tuple[Dict[str, np.ndarray],
                                                                                               Parameters]]]
@@ -65,8 +68,8 @@ class ProtocolModel:
 
     def offered(self, parameters: Any) -> List[str]:
         """The outputs a request with these (checked) parameters can have."""
-        calibrated = getattr(parameters, "calibrated", True)
-        return [spec.name for spec in self.outputs if calibrated or spec.name not in CALIBRATED]
+        has = getattr(parameters, "has", None)
+        return [spec.name for spec in self.outputs if has is None or has(spec.name)]
 
     def metadata(self) -> dict:
         return {"name": self.name, "versions": [VERSION], "platform": PLATFORM,
@@ -91,6 +94,16 @@ class ScoreParams:
     @property
     def calibrated(self) -> bool:
         return scoring.applies(self.kind.calibration, self.k)
+
+    def has(self, output: str) -> bool:
+        """Whether a score with these parameters has ``output`` (the calibrated and per-kind ones may not)."""
+        if output in CALIBRATED:
+            return self.calibrated
+        if output == "complexity_bits":
+            return self.kind.compressor is not None
+        if output == "neighbour_distance":
+            return self.kind.needs_neighbours
+        return True
 
 
 def model(info: ModelInfo, name: str, version: Optional[str] = None) -> ProtocolModel:
@@ -121,7 +134,8 @@ def _models(info: ModelInfo) -> Dict[str, ProtocolModel]:
         "scorer": ProtocolModel("scorer", (TensorSpec("images", IMAGES, image),),
                                 scores + (TensorSpec("p_value", ("FP64",), vector),
                                           TensorSpec("percentile", ("FP64",), vector),
-                                          TensorSpec("is_anomaly", ("BOOL",), vector)),
+                                          TensorSpec("is_anomaly", ("BOOL",), vector))
+                                + tuple(TensorSpec(name, ("FP64",), vector) for name in PER_KIND),
                                 _score, _score_parameters),
     }
 
@@ -143,8 +157,12 @@ def prepare(state: ServiceState, model_: ProtocolModel, body: bytes, header_leng
     outputs = offered if request.outputs is None else list(request.outputs)
     for name in outputs:
         if name not in offered:
-            why = (f"; p_value, percentile and is_anomaly need the calibration's K "
-                   f"({getattr(parameters.kind.calibration, 'k', None)})" if name in CALIBRATED else "")
+            why = ""
+            if name in CALIBRATED:
+                why = (f"; p_value, percentile and is_anomaly need the calibration's K "
+                       f"({getattr(parameters.kind.calibration, 'k', None)})")
+            elif name in PER_KIND:
+                why = f"; score kind {parameters.kind.name!r} has none"
             raise InvalidTensor(f"model {model_.name!r} has no output {name!r} here{why}; it offers {offered}")
     arrays = {name: _rows(request.inputs[name], spec, state) for name, spec in wanted.items()}
     return Prepared(request, arrays, parameters, outputs)
@@ -243,9 +261,7 @@ async def _score(state: ServiceState, arrays: Dict[str, np.ndarray], params: Sco
     numbers are that endpoint's; they become one vector per field."""
     rows, summary = await score_images(state, arrays["images"], params.kind, k=params.k, alpha=params.alpha,
                                        tail=params.tail, deadline=deadline, abandoned=abandoned)
-    fields = dict(SCORE_FIELDS)
-    if summary["calibrated"]:
-        fields.update(CALIBRATED)
+    fields = {name: field for name, field in {**SCORE_FIELDS, **CALIBRATED, **PER_KIND}.items() if params.has(name)}
     arrays = {name: _column(rows, field) for name, field in fields.items()}
     parameters = {"score": params.kind.name, "k": params.k, **{
         ("calibration_" + key if key in ("n", "k") else key): value

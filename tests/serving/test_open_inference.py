@@ -147,17 +147,29 @@ def test_scorer_equals_anomaly_score(tc, http, digit_images, noise_images, binar
     fields = {"score": "score_nats", "nll": "nll_nats", "elbo": "elbo_nats", "kl": "kl_nats",
               "reconstruction": "reconstruction_nats", "ess": "ess", "p_value": "p_value", "percentile": "percentile",
               "is_anomaly": "is_anomaly"}
+    per_kind = ("complexity_bits", "neighbour_distance")  # only where the kind computes them (else null there)
+    seen = set()
     for kind in kinds:
         params = {"alpha": 0.05, "tail": "two-sided", "score": kind}
         reference = http.post("/anomaly-score", params=params, files=files(images)).json()
+        has = {name: name for name in per_kind if reference["scores"][0][name] is not None}
+        seen.update(has)
         result = tc.infer("scorer", [tensor("images", images, "UINT8", binary)], parameters=params, headers=auth(),
-                          outputs=None if binary else outputs(*fields, binary=False))
-        for name, field in fields.items():
+                          outputs=None if binary else outputs(*fields, *has, binary=False))
+        for name, field in {**fields, **has}.items():
             expected = [row[field] for row in reference["scores"]]
             assert result.as_numpy(name).tolist() == expected, (kind, name)
+        sent = {output["name"] for output in result.get_response()["outputs"]}
+        assert not sent & (set(per_kind) - set(has)), kind
+        if not has:
+            with pytest.raises(InferenceServerException) as refused:
+                tc.infer("scorer", [tensor("images", images[:1], "UINT8", True)], parameters=params, headers=auth(),
+                         outputs=outputs(per_kind[0], binary=True))
+            assert refused.value.status() == "400" and "has none" in refused.value.message()
         response = result.get_response()["parameters"]
         assert response["score"] == kind and response["calibrated"] is True and response["alpha"] == 0.05
         assert response.get("threshold_nats") == reference["calibration"]["threshold_nats"]
+    assert seen == set(per_kind)  # the artifact has kinds with each (nll-minus-bz2; fisher-bz2-nn)
 
 
 def test_scorer_at_another_k_has_no_p_values(tc, http, digit_images):
