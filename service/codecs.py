@@ -36,7 +36,7 @@ import io
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import List, TypeVar
+from typing import List, Optional, Tuple, TypeVar
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -91,8 +91,28 @@ def decode_image(data: bytes, spec: ImageSpec) -> np.ndarray:
 def source_pixels(data: bytes, spec: ImageSpec) -> int:
     """``width * height`` of an image file from its header alone: microseconds whatever the size, because
     nothing is decoded. The same refusals as ``decode_image`` for what a header shows (empty or unidentifiable
-    data, EPS, more than ``spec.max_pixels``); a file whose pixel data is broken is only found by decoding."""
-    return _opened(data, spec, lambda source: source.width * source.height)
+    data, EPS, more than ``spec.max_pixels``); a file whose pixel data is broken is only found by decoding.
+    A PNG's size is read from its IHDR chunk directly (always the first chunk, at a fixed offset): opening it
+    with Pillow costs ~25 us, as much again as decoding a 28x28 digit, and decoding opens it anyway."""
+    size = _png_size(data)
+    if size is None:
+        return _opened(data, spec, lambda source: source.width * source.height)
+    width, height = size
+    if width * height > spec.max_pixels:
+        raise ImageTooLarge(f"image is {width}x{height} pixels; the limit is {spec.max_pixels} pixels")
+    return width * height
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_size(data: bytes) -> Optional[Tuple[int, int]]:
+    """(width, height) from a PNG's IHDR chunk (PNG spec 11.2.2), or None when ``data`` does not start like a
+    well-formed PNG: Pillow then reads (or refuses) it."""
+    if len(data) < 24 or not data.startswith(_PNG_SIGNATURE) or data[8:16] != b"\x00\x00\x00\x0dIHDR":
+        return None
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    return (width, height) if 0 < width < 2**31 and 0 < height < 2**31 else None
 
 
 def _opened(data: bytes, spec: ImageSpec, use: Callable[[Image.Image], T]) -> T:

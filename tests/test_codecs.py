@@ -30,6 +30,7 @@ from service.codecs import (
     encode_npy,
     encode_png,
     encode_png_base64,
+    source_pixels,
     to_uint8,
 )
 
@@ -230,6 +231,30 @@ def test_pillow_bomb_warning_raised_as_error_maps_to_too_large():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with pytest.raises(ImageTooLarge):
             decode_image(one_bit_png(10000, 10000, rows=1), spec)
+
+
+@pytest.mark.parametrize("mode, size", [("L", (28, 28)), ("RGB", (300, 5)), ("RGBA", (9, 17)), ("P", (7, 3)),
+                                        ("I;16", (30, 20)), ("1", (13, 11))])
+def test_a_pngs_size_is_read_from_its_header_as_pillow_reads_it(mode, size):
+    data = save(Image.new(mode, size))
+    assert source_pixels(data, GRAY) == size[0] * size[1] == Image.open(io.BytesIO(data)).width * Image.open(
+        io.BytesIO(data)).height
+    # The header alone is enough to count (and refuse) pixels: the rest is only read when decoding, which
+    # still refuses a PNG whose pixel data is missing.
+    assert source_pixels(data[:33], GRAY) == size[0] * size[1]
+    with pytest.raises(InvalidImage):
+        decode_image(data[:33], GRAY)
+    with pytest.raises(ImageTooLarge, match=f"{size[0]}x{size[1]}"):
+        source_pixels(data[:33], ImageSpec(channels=1, height=4, width=4, max_pixels=size[0] * size[1] - 1))
+
+
+def test_a_header_that_is_not_a_well_formed_png_ihdr_goes_to_pillow():
+    good = one_bit_png(8, 8, rows=8)
+    zero_width = good[:16] + struct.pack(">I", 0) + good[20:]
+    not_ihdr_first = good[:12] + b"IDAT" + good[16:]
+    for data in (zero_width, not_ihdr_first, good[:20]):
+        with pytest.raises(InvalidImage):
+            source_pixels(data, GRAY)
 
 
 def test_max_pixels_applies_to_the_source_size():
