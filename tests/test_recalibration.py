@@ -1,5 +1,6 @@
 """Recalibration rebuilds exactly the calib split a model was trained beside (never training images), from the
-data recipe the artifact records, or refuses; and it calibrates on what the service scores."""
+data recipe the artifact records, or refuses; and it calibrates on what the service scores. The OOD evaluation
+gives a model its test images in the shape training gave it its data."""
 
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from training.__main__ import main as train
+from training import ood
 from training.calibration import recalibrate
 from training.recipe import recorded_dataset
 from training.data import load_dataset
@@ -90,3 +92,14 @@ def test_an_artifact_without_a_latent_bank_is_given_one_with_its_own_weights(tmp
     x = torch.from_numpy(load_dataset("digits", seed=0).test.images[:16]).float() / 16
     torch.testing.assert_close(banked.encode(x), module.encode(x), atol=0, rtol=0)
     assert len({tuple(row) for row in banked.encode(x)[0].tolist()}) == 16  # distinct means: not a vacuous check
+
+
+def test_ood_evaluation_gives_the_model_images_in_its_own_shape(tmp_path, capsys):
+    """A model trained on digits at --image-size 12 (8x8 natively) is evaluated on digits resized the same way."""
+    model = trained(tmp_path, "--image-size", "12")
+    command = ["evaluate", "--model", str(model), "--normal", "digits", "--holdout-class", "1"]
+    normal, held_out = ood._test_sets(ood.parse_args(command), load_artifact(model)[1])
+    test = load_dataset("digits", seed=0, image_size=12).test
+    assert normal.shape[1:] == held_out.shape[1:] == (1, 12, 12)
+    assert len(held_out) == (test.labels == 1).sum() and len(normal) + len(held_out) == len(test)
+    assert ood.main(command) == 0 and "AUROC" in capsys.readouterr().out

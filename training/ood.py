@@ -107,10 +107,12 @@ def format_table(result: Dict) -> str:
     return "\n".join(lines)
 
 
-def _test_sets(args: argparse.Namespace) -> Tuple[np.ndarray, np.ndarray]:
-    """(normal, OOD) test images as the 8-bit images a client would send."""
-
-    ds = load_dataset(args.normal, seed=0)
+def _test_sets(args: argparse.Namespace, meta: Metadata) -> Tuple[np.ndarray, np.ndarray]:
+    """(normal, OOD) test images as the 8-bit images a client would send, in the model's shape: converted and
+    resized as training converted its own data (an artifact trained with --image-size or --channels)."""
+    image = meta.image
+    shape = dict(channels=image.channels, image_size=image.height if image.height == image.width else None)
+    ds = load_dataset(args.normal, seed=0, **shape)
     normal = to_8bit(ds.test.images, ds.levels)
     if args.holdout_class is not None:  # one source: its test images of class C are the OOD ones
         is_ood = ds.test.labels == args.holdout_class
@@ -118,7 +120,7 @@ def _test_sets(args: argparse.Namespace) -> Tuple[np.ndarray, np.ndarray]:
             raise SystemExit(f"no test images of class {args.holdout_class} in {args.normal}")
         normal, ood = normal[~is_ood], normal[is_ood]
     else:
-        other = load_dataset(args.ood, seed=0)
+        other = load_dataset(args.ood, seed=0, **shape)
         ood = to_8bit(other.test.images, other.levels)
         if ood.shape[1:] != normal.shape[1:]:
             raise SystemExit(f"--ood images are {ood.shape[1:]}, --normal images {normal.shape[1:]}")
@@ -130,7 +132,7 @@ def cmd_evaluate(args: argparse.Namespace) -> Dict:
     classes = (meta.document.get("data") or {}).get("classes")
     if args.holdout_class is not None and classes is not None and args.holdout_class in classes:
         print(f"warning: {args.model} was trained on class {args.holdout_class}", file=sys.stderr)
-    normal, ood = _test_sets(args)
+    normal, ood = _test_sets(args, meta)
     result = evaluate_artifact(module.score, meta, normal, ood, artifact_neighbours(module, meta))
     result.update(model=str(args.model), normal=args.normal, ood=args.ood, holdout_class=args.holdout_class)
     print(format_table(result))
@@ -151,7 +153,7 @@ def cmd_sweep_k(args: argparse.Namespace) -> Dict:
     over ``--repeats`` noise seeds), its delta-method SE and ESS, its mean (the bound tightens with K), the
     cost, and AUROC of ``nll`` and the default kind against the OOD set (noise seed 0, as served)."""
     module, meta = load_artifact(args.model)
-    normal, ood = _test_sets(args)
+    normal, ood = _test_sets(args, meta)
     latent_dim, levels = meta.latent_dim, meta.levels
     combinations = artifact_combinations(meta.to_dict()["scoring"]["kinds"])
     neighbours = artifact_neighbours(module, meta)
