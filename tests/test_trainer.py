@@ -86,6 +86,11 @@ def test_resume_continues_where_the_checkpoint_stopped(digits_dataset, tmp_path)
     after = trainer.load_checkpoint(tmp_path / "part.ckpt")
     assert after["epoch"] == 3
     assert all(s["step"] == 3 * steps_per_epoch for s in after["optimizer"]["state"].values())
+    assert resumed_result.images_per_s > 0  # the one epoch this run trained
+    # Resumed with nothing left to train (to evaluate or export again): the history stays, and no speed is
+    # claimed for epochs that ran in another process (it read "0 images/s").
+    _, nothing_left = run_training(digits_dataset, epochs=3, checkpoint_path=tmp_path / "part.ckpt", resume=after)
+    assert nothing_left.epochs_run == 3 and len(nothing_left.history) == 3 and nothing_left.images_per_s is None
 
 
 def test_the_moving_average_is_what_is_validated_and_kept(digits_dataset):

@@ -243,7 +243,7 @@ def run(args: argparse.Namespace, ctx: distributed.DistContext) -> Optional[Dict
                   "beta": config.beta, "kl_warmup": config.kl_warmup, "free_bits": config.free_bits,
                   "lr": config.lr, "lr_patience": config.lr_patience, "ema": config.ema,
                   "batch_size": config.batch_size, "wall_time_s": round(result.wall_time_s, 2),
-                  "images_per_s": round(result.images_per_s, 1),
+                  "images_per_s": None if result.images_per_s is None else round(result.images_per_s, 1),
                   "device": str(device), "world_size": ctx.world_size,
                   "final": {k: v for k, v in last.items() if k.startswith(("train_", "val_"))}},
         evaluation=metrics,
@@ -285,8 +285,9 @@ def _print_summary(meta: Dict, out: Path, seconds: float) -> None:
     print(f"artifact      {out}")
     print(f"data          {meta['data']['name']}  train/val/calib/test = {meta['data']['n_train']}/"
           f"{meta['data']['n_val']}/{meta['data']['n_calib']}/{meta['data']['n_test']}")
+    rate = "no epoch in this run" if tr.get("images_per_s") is None else f"{tr['images_per_s']:.0f} images/s"
     print(f"training      {tr['epochs_run']} epochs (best {tr['best_epoch']}), {tr['wall_time_s']:.1f}s on "
-          f"{tr['device']} x{tr['world_size']} ({tr.get('images_per_s', 0):.0f} images/s); {seconds:.1f}s in all")
+          f"{tr['device']} x{tr['world_size']} ({rate}); {seconds:.1f}s in all")
     print(f"test ELBO     {ev['test_elbo_nats']:.3f} ± {ev['test_elbo_se']:.3f} nats  "
           f"({ev['elbo_bits_per_dim']:.4f} bits/dim)")
     print(f"test IW-NLL   {ev['iw_nll_nats']:.3f} ± {ev['iw_nll_se']:.3f} nats  "

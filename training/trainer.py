@@ -69,7 +69,9 @@ class TrainResult:
     best_val_elbo: float = float("-inf")
     epochs_run: int = 0
     wall_time_s: float = 0.0  # training time over all epochs in the history, resumed runs included
-    images_per_s: float = 0.0  # training images per second (all ranks), mean over this run's epochs
+    # Training images per second (all ranks), mean over this run's epochs; None when this run trained none (a
+    # resumed run that only evaluates): the history keeps epoch times, not rates.
+    images_per_s: Optional[float] = None
 
 
 def kl_weight(epoch: float, warmup_epochs: float, beta: float) -> float:
@@ -304,7 +306,7 @@ def train(vae: VAE, train_split: Split, val_split: Split, levels: int, config: T
     result.best_epoch, result.best_val_elbo = best["epoch"], best["val_elbo"]
     result.epochs_run = epoch
     result.wall_time_s = sum(row["time_s"] for row in result.history)
-    result.images_per_s = sum(rates) / len(rates) if rates else 0.0
+    result.images_per_s = sum(rates) / len(rates) if rates else None
     return result
 
 
