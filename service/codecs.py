@@ -97,10 +97,8 @@ def source_pixels(data: bytes, spec: ImageSpec) -> int:
     size = _png_size(data)
     if size is None:
         return _opened(data, spec, lambda source: source.width * source.height)
-    width, height = size
-    if width * height > spec.max_pixels:
-        raise ImageTooLarge(f"image is {width}x{height} pixels; the limit is {spec.max_pixels} pixels")
-    return width * height
+    _check_size(*size, spec)
+    return size[0] * size[1]
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -115,6 +113,11 @@ def _png_size(data: bytes) -> Optional[Tuple[int, int]]:
     return (width, height) if 0 < width < 2**31 and 0 < height < 2**31 else None
 
 
+def _check_size(width: int, height: int, spec: ImageSpec) -> None:
+    if width * height > spec.max_pixels:
+        raise ImageTooLarge(f"image is {width}x{height} pixels; the limit is {spec.max_pixels} pixels")
+
+
 def _opened(data: bytes, spec: ImageSpec, use: Callable[[Image.Image], T]) -> T:
     """``use(image)`` on the image in ``data``, opened (its header read) and checked against rule 1 and the
     refused formats; every way Pillow fails on client data becomes an ``InvalidInput``."""
@@ -124,9 +127,7 @@ def _opened(data: bytes, spec: ImageSpec, use: Callable[[Image.Image], T]) -> T:
         with Image.open(io.BytesIO(data)) as source:
             if source.format in _REFUSED_FORMATS:
                 raise InvalidImage(f"{source.format} images are not accepted")
-            width, height = source.size  # from the header: nothing decoded yet
-            if width * height > spec.max_pixels:
-                raise ImageTooLarge(f"image is {width}x{height} pixels; the limit is {spec.max_pixels} pixels")
+            _check_size(*source.size, spec)  # from the header: nothing decoded yet
             return use(source)
     except InvalidInput:
         raise
