@@ -78,7 +78,7 @@ def run(opts: Options) -> Dict:
             lit = name.startswith("litserve")
             groups = _merge([(w.kernel, [w]) for w in workloads]) if lit else [(None, workloads)]
             for kernel, group in groups:
-                server = _server(name, kernel, opts, shape)
+                server = server_process(name, kernel, opts, shape)
                 _log(f"round {round_no + 1}/{opts.rounds}, {name}{f' ({kernel})' if kernel else ''}: starting "
                      f"(load {_load()})")
                 server.start()
@@ -140,7 +140,10 @@ def _merge(groups):
     return list(merged.items())
 
 
-def _server(name: str, kernel: Optional[str], opts: Options, shape, model: Optional[Path] = None) -> ServerProcess:
+def server_process(name: str, kernel: Optional[str], opts: Options, shape,
+                   model: Optional[Path] = None) -> ServerProcess:
+    """The server ``name`` (ours, a variant's checkout, naive, ceiling, litserve-Nw) set up as the benchmark runs
+    it, not started; ``kernel`` picks LitServe's API."""
     model = model or opts.model
     port = free_port()
     threads = str(opts.threads)
@@ -174,8 +177,9 @@ def _server(name: str, kernel: Optional[str], opts: Options, shape, model: Optio
     return ServerProcess(name, args, port, log, env)
 
 
-def _generate(server: ServerProcess, req: loadgen.Request, connections: int, seconds: float, opts: Options,
-              workdir: Path) -> Dict:
+def closed_loop(server: ServerProcess, req: loadgen.Request, connections: int, seconds: float, opts: Options,
+                workdir: Path) -> Dict:
+    """``connections`` requests always in flight for ``seconds``: wrk when installed, else aiohttp."""
     if loadgen.have_wrk():
         return loadgen.wrk(server.url, req, connections, seconds, opts.max_requests, workdir)
     return loadgen.closed_loop(server.url, req, connections, seconds, opts.max_requests)
@@ -188,10 +192,10 @@ def _measure(server: ServerProcess, name: str, w: Workload, images, shape, opts:
         _log(f"  {w.name}: probe failed: {status} {body[:200]!r}")
         return {"probe_status": status, "probe_ok": False}
     workdir = opts.out / "work" / f"{name}-{w.name}"
-    _generate(server, req, w.concurrency, opts.warmup_s, opts, workdir)  # warm: shapes, caches, threads
+    closed_loop(server, req, w.concurrency, opts.warmup_s, opts, workdir)  # warm: shapes, caches, threads
     before = _batches(server, name, w, opts)
     load_before = _load()
-    result = _generate(server, req, w.concurrency, opts.duration_s, opts, workdir)
+    result = closed_loop(server, req, w.concurrency, opts.duration_s, opts, workdir)
     after = _batches(server, name, w, opts)
     if before is not None and after is not None and after[1] > before[1]:
         result["mean_batch"] = (after[0] - before[0]) / (after[1] - before[1])
@@ -222,8 +226,8 @@ def _generator_check(server: ServerProcess, opts: Options) -> Dict:
     """The load generator's own limit: GET /constant on the ceiling server at c=64 (no body, no parsing)."""
     req = loadgen.Request("GET", "/constant", [])
     workdir = opts.out / "work" / "generator-check"
-    _generate(server, req, 64, opts.warmup_s, opts, workdir)
-    result = _generate(server, req, 64, opts.duration_s, opts, workdir)
+    closed_loop(server, req, 64, opts.warmup_s, opts, workdir)
+    result = closed_loop(server, req, 64, opts.duration_s, opts, workdir)
     _log(f"  generator check (GET /constant, c=64): {result['req_per_s']:.0f} req/s")
     return result
 
@@ -258,7 +262,7 @@ def _cold_starts(opts: Options, shape) -> List[float]:
     model = opts.cold_start_model or opts.model
     times = []
     for i in range(opts.cold_starts):
-        server = _server("ours", None, opts, shape, model=model)
+        server = server_process("ours", None, opts, shape, model=model)
         try:
             times.append(server.start())
         finally:

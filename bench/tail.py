@@ -37,9 +37,9 @@ def encode_histograms(metrics_text: str) -> Dict[str, float]:
 
 def measure(server: ServerProcess, req: loadgen.Request, rate: float, seconds: float, opts: runner.Options) -> Dict:
     work = opts.out / "work"
-    runner._generate(server, req, 64, opts.warmup_s, opts, work)
-    c1 = runner._generate(server, req, 1, opts.duration_s, opts, work)
-    c64 = runner._generate(server, req, 64, opts.duration_s, opts, work)
+    runner.closed_loop(server, req, 64, opts.warmup_s, opts, work)
+    c1 = runner.closed_loop(server, req, 1, opts.duration_s, opts, work)
+    c64 = runner.closed_loop(server, req, 64, opts.duration_s, opts, work)
     before, cpu0, started = encode_histograms(server.metrics()), server.cpu_seconds(), time.perf_counter()
     loop = loadgen.open_loop(server.url, req, rate, seconds, int(rate * seconds) + 1)
     elapsed = time.perf_counter() - started
@@ -82,7 +82,7 @@ def main() -> None:
     print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
     for round_no in range(args.rounds):
         for label in ["ours", *variants]:
-            server = runner._server(label, None, opts, shape)
+            server = runner.server_process(label, None, opts, shape)
             server.start()
             try:
                 result = measure(server, req, args.rate, args.seconds, opts)
