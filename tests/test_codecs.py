@@ -237,8 +237,8 @@ def test_pillow_bomb_warning_raised_as_error_maps_to_too_large():
                                         ("I;16", (30, 20)), ("1", (13, 11))])
 def test_a_pngs_size_is_read_from_its_header_as_pillow_reads_it(mode, size):
     data = save(Image.new(mode, size))
-    assert source_pixels(data, GRAY) == size[0] * size[1] == Image.open(io.BytesIO(data)).width * Image.open(
-        io.BytesIO(data)).height
+    with Image.open(io.BytesIO(data)) as opened:
+        assert source_pixels(data, GRAY) == opened.width * opened.height == size[0] * size[1]
     # The header alone is enough to count (and refuse) pixels: the rest is only read when decoding, which
     # still refuses a PNG whose pixel data is missing.
     assert source_pixels(data[:33], GRAY) == size[0] * size[1]
