@@ -12,6 +12,7 @@ p99 moves by 2-4x between rounds of the same code, so one round says little. Onl
 import argparse
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 from typing import Dict, List
@@ -91,7 +92,22 @@ def main() -> None:
             results.setdefault(label, []).append(result)
             print(json.dumps({"round": round_no + 1, "server": label, **_rounded(result)}), flush=True)
     print(f"load average after: {os.getloadavg()[0]:.2f}")
+    print(summary(results))
     (args.out / "tail.json").write_text(json.dumps({"rate": args.rate, "results": results}, indent=1))
+
+
+def summary(results: Dict[str, List[Dict]]) -> str:
+    """Medians over the rounds per server, with every round's open-loop p99 (the number that moves most)."""
+    lines = ["| server | c=1 p50 ms | c=64 req/s | open loop p50 ms | open loop p99 ms (every round) | rows/call |",
+             "|---|---:|---:|---:|---|---:|"]
+    for label, rounds in results.items():
+        p99s = [r["open_loop"]["p99_ms"] for r in rounds]
+        lines.append(f"| {label} | {statistics.median(r['c1_p50_ms'] for r in rounds):.2f} | "
+                     f"{statistics.median(r['c64_req_per_s'] for r in rounds):,.0f} | "
+                     f"{statistics.median(r['open_loop']['p50_ms'] for r in rounds):.1f} | "
+                     f"{statistics.median(p99s):.1f} ({', '.join(f'{v:.0f}' for v in p99s)}) | "
+                     f"{statistics.median(r['rows_per_call'] or 0.0 for r in rounds):.1f} |")
+    return "\n".join(lines)
 
 
 def _rounded(value):
