@@ -72,7 +72,7 @@ class ServerProcess:
         if self.proc is None:
             return {}
         main = _rss_kb(self.proc.pid)
-        group = sum(_rss_kb(int(p)) for p in os.listdir("/proc") if p.isdigit() and _pgid(int(p)) == self.proc.pid)
+        group = sum(_rss_kb(pid) for pid in _group(self.proc.pid))
         return {"main_mb": main / 1024.0, "group_mb": group / 1024.0}
 
     def cpu_seconds(self) -> Dict[int, float]:
@@ -81,9 +81,7 @@ class ServerProcess:
             return {}
         tick = os.sysconf("SC_CLK_TCK")
         out = {}
-        for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
-            if _pgid(pid) != self.proc.pid:
-                continue
+        for pid in _group(self.proc.pid):
             try:
                 fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             except OSError:  # the process ended meanwhile
@@ -110,7 +108,7 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 continue
         deadline = time.monotonic() + 10.0  # forked workers may outlive the parent for a moment
-        while time.monotonic() < deadline and any(_pgid(int(p)) == pgid for p in os.listdir("/proc") if p.isdigit()):
+        while time.monotonic() < deadline and _group(pgid):
             try:
                 os.killpg(pgid, signal.SIGKILL)
             except ProcessLookupError:
@@ -126,6 +124,11 @@ def _rss_kb(pid: int) -> int:
     except OSError:
         pass
     return 0
+
+
+def _group(pgid: int) -> List[int]:
+    """The live processes of process group ``pgid``."""
+    return [pid for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()) if _pgid(pid) == pgid]
 
 
 def _pgid(pid: int) -> int:
