@@ -257,11 +257,18 @@ class ModelRuntime:
         for kernel, (run, sizes) in calls.items():
             self.exact_from[kernel] = 1  # every probe at its own call size
             reference = run(sizes[-1])
-            differ = [n for n in sizes[:-1] if not all(_same_prefix(out, reference[name]) for name, out in run(n).items())]
+            # Smallest first, with the padding found so far in force: a call the device has to split (out of
+            # memory) is then computed in halves padded as serving will pad them, not in smaller calls than any
+            # served call runs at, which would make every size that needs a split look inexact.
+            differ = []
+            for n in sizes[:-1]:
+                if n >= self.exact_from[kernel] and not all(
+                        _same_prefix(out, reference[name]) for name, out in run(n).items()):
+                    differ.append(n)
+                    self.exact_from[kernel] = next(m for m in sizes if m > n)
             if differ:
                 log.warning("%s: rows differ from the %d-row call at call sizes %s; smaller calls are padded",
                             kernel, sizes[-1], differ)
-            self.exact_from[kernel] = next((n for n in sizes if n > max(differ)), sizes[-1]) if differ else 1
         log.info("call sizes %s; every row as in the largest call from %s rows", self.call_sizes, self.exact_from)
 
     def gpu_memory(self) -> Dict[str, int]:

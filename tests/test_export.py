@@ -192,7 +192,9 @@ def test_the_latent_bank_and_its_nearest_neighbour_distance(tmp_path, artifact, 
         alone = torch.cat([module.latent_neighbour_distance(x[i:i + 1]) for i in range(len(x))])
     brute = ((mu[:, None, :] - bank.double()[None]) ** 2).sum(dim=-1).sqrt().min(dim=1).values
     torch.testing.assert_close(distance.double(), brute, atol=1e-6, rtol=1e-6)
-    assert torch.equal(alone, distance)
+    # The distance is taken pair by pair, not through a matrix product; the encoder before it may still round
+    # a lone row's posterior mean otherwise on some CPUs, which the service's padding takes care of.
+    torch.testing.assert_close(alone, distance, atol=1e-6, rtol=1e-6)
     assert distance[-2:].tolist() == [0.0, 0.0] and distance[:8].min() > 0  # bank images sit on their own latent
     plain, plain_meta = load_artifact(artifact[0])
     assert "latent_neighbour_distance" not in plain_meta["methods"]

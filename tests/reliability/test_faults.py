@@ -236,11 +236,13 @@ async def _responses(client: httpx.AsyncClient, rows: np.ndarray) -> dict:
 
 async def test_out_of_memory_splits_the_batch_and_gives_identical_results(digits_artifact, caplog):
     rows = noise(16, seed=3)
-    async with in_process(create_app(settings_for(digits_artifact))) as client:
+    # 16 score rows of K=32 in one call (the CPU default holds 1), so every kernel has a 16-row call to split; the
+    # same on the device with room, so both compute every row in calls of the sizes the warm-up checked.
+    settings = settings_for(digits_artifact, max_score_decodes=16 * 32)
+    async with in_process(create_app(settings)) as client:
         expected = await _responses(client, rows)
-    # 16 score rows of K=32 in one call (the CPU default holds 4), so every kernel has a 16-row call to split.
     small = load(SmallDevice, digits_artifact, max_rows=4, max_score_decodes=16 * 32)
-    async with in_process(create_app(settings_for(digits_artifact), runtime=small)) as client:
+    async with in_process(create_app(settings, runtime=small)) as client:
         small.module.calls.clear()  # forget the warm-up
         with caplog.at_level(logging.WARNING, logger="service.runtime"):
             got = await _responses(client, rows)

@@ -119,13 +119,22 @@ def test_an_older_score_whose_rows_depend_on_the_batch_size_runs_at_one_size():
 
 def test_a_score_k_whose_call_size_does_not_divide_the_probe_is_not_padded_for_nothing(digits_artifact):
     """At K=10 score calls hold at most 3 rows, so calls of 1, 2 and 3 rows cover 16, 16 and 15 probe images: the
-    probe compares the rows both hold, and finds the same padding as at the calibration's K."""
+    probe compares the rows both hold, and pads only where a smaller call really gives other bits."""
     runtime = ModelRuntime(digits_artifact, device="cpu")
-    runtime.warm_up(rounds=1)
-    at_calibration_k = runtime.exact_from["score"]
     runtime.warm_up(score_k=10, rounds=1)
     assert runtime.max_rows("score", 10) == 3
-    assert runtime.exact_from["score"] <= at_calibration_k
+    padded_to = runtime.exact_from["score"]
+    images = np.random.default_rng(5).integers(0, 256, size=(16, 1, 8, 8), dtype=np.uint8)
+    runtime.exact_from["score"] = 1  # every call at its own size, to see what the padding avoids
+
+    def scored_in_calls_of(n):
+        return np.concatenate([runtime.score(images[i:i + n], 10)["iw_ll"] for i in range(0, 15, n)])[:15]
+
+    largest = scored_in_calls_of(3)
+    if padded_to > 1:  # the size just below the padding does give other bits ...
+        assert not np.array_equal(scored_in_calls_of(padded_to - 1), largest)
+    for n in range(padded_to, 4):  # ... and every size from the padding on gives the largest call's
+        np.testing.assert_array_equal(scored_in_calls_of(n), largest)
 
 
 def test_a_large_k_whose_calls_hold_fewer_rows_than_the_padding_runs_at_one_size(digits_artifact):
