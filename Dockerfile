@@ -103,7 +103,7 @@ RUN --mount=type=secret,id=pip.conf,target=/etc/pip.conf \
  && rm -rf "$torch_dir/include" "$torch_dir/share/cmake" "$torch_dir/test" "$torch_dir"/bin/test_* \
       "$torch_dir"/bin/*Test "$torch_dir"/bin/protoc* "$torch_dir"/lib/lib*_test.so \
  && find /opt/venv -name __pycache__ -type d -prune -exec rm -rf {} + \
- && PYTHONDONTWRITEBYTECODE='' python -P -W ignore -c 'import service.__main__, service.processes, service.serve; from PIL import Image; Image.init()' \
+ && PYTHONDONTWRITEBYTECODE='' python -P -W ignore -c 'import service.__main__, service.supervisor, service.server; from PIL import Image; Image.init()' \
  && vae-serve --help > /dev/null
 
 # ---------------------------------------------------------------------------------------------------------------

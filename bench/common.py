@@ -93,9 +93,9 @@ def to_numpy(tensor) -> np.ndarray:
 
 
 def score_kinds(metadata):
-    """The artifact's score kinds as our service offers them (``service.scoring.ScoreKinds``): the latent-bank
+    """The artifact's score kinds as our service offers them (``service.core.scoring.ScoreKinds``): the latent-bank
     kinds too when the artifact has a bank, so every server scores the artifact's default kind."""
-    from service.scoring import ScoreKinds
+    from service.core.scoring import ScoreKinds
     from vae_artifact.metadata import lists_latent_bank
 
     return ScoreKinds.from_metadata(metadata, neighbours=lists_latent_bank(metadata))
@@ -120,9 +120,9 @@ def encode_body(mu: np.ndarray, logvar: np.ndarray) -> bytes:
 
 def anomaly_body(outputs: Dict[str, np.ndarray], shape: ModelShape, kind, k: int, bits=None) -> bytes:
     """The service's /anomaly-score JSON for the artifact's default score kind ``kind`` (a
-    ``service.scoring.ScoreKind``), built with its own pure functions (alpha 0.01, upper tail). ``bits``: the
+    ``service.core.scoring.ScoreKind``), built with its own pure functions (alpha 0.01, upper tail). ``bits``: the
     kind's compressed sizes of the images (``ScoreKinds.complexity_bits``), the work our service does too."""
-    from service import scoring
+    from service.core import scoring
 
     rows = scoring.score_rows(outputs, num_dims=shape.num_dims, calibration=kind.calibration, alpha=0.01,
                               tail="upper", k=k, complexity_bits=bits, kind=kind)
@@ -132,7 +132,7 @@ def anomaly_body(outputs: Dict[str, np.ndarray], shape: ModelShape, kind, k: int
 
 def sample_body(pixels: np.ndarray, z: np.ndarray, seed: int) -> bytes:
     """The service's /sample JSON: one base64 PNG per image, the latents and the seed."""
-    from service import codecs
+    from service.core import codecs
 
     images: List[str] = [codecs.encode_png_base64(im) for im in codecs.to_uint8(pixels)]
     return orjson.dumps({"images": images, "z": z.tolist(), "seed": seed})

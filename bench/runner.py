@@ -19,8 +19,8 @@ from typing import Dict, List, Optional
 from bench import common, loadgen, report
 from bench.serverproc import ROOT, ServerProcess, batch_stats, free_port, http, read_json
 from bench.workloads import WORKLOADS, Workload, build_request, load_images
-from service.devices import available_cpus
-from service.processes import default_processes
+from service.core.devices import available_cpus
+from service.supervisor import default_processes
 
 # The ceiling comes after ours: its last round repeats our half-load open loop at the same rate (the floor that
 # the HTTP stack and the Python load generator leave on this machine).

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from bench import common
-from service.runtime import ModelRuntime
+from service.core.runtime import ModelRuntime
 
 
 def main() -> None:

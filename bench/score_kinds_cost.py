@@ -16,8 +16,8 @@ import numpy as np
 
 from bench import common
 from bench.workloads import load_images
-from service import scoring
-from service.runtime import ModelRuntime
+from service.core import scoring
+from service.core.runtime import ModelRuntime
 
 
 def main() -> None:

@@ -20,8 +20,8 @@ from typing import Dict, List
 from bench import common, loadgen, runner
 from bench.serverproc import ServerProcess
 from bench.workloads import WORKLOADS, build_request, load_images
-from service.devices import available_cpus
-from service.processes import default_processes
+from service.core.devices import available_cpus
+from service.supervisor import default_processes
 
 ENCODE = 'kernel="encode"'
 

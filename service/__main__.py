@@ -1,7 +1,7 @@
 """``python -m service`` / ``vae-serve``: serve the artifact, in one process or in several behind one port.
 
-The supervisor of several processes (``service.processes``) imports neither torch nor the app: each child
-loads the model itself (``service.serve``).
+The supervisor of several processes (``service.supervisor``) imports neither torch nor the app: each child
+loads the model itself (``service.server``).
 """
 
 import argparse
@@ -40,7 +40,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"vae-serve: invalid settings:\n{exc}", file=sys.stderr)
         return 2
     if settings.server_processes() == 1:
-        from service.serve import serve
+        from service.server import serve
 
         return serve(settings)
     return _supervise(settings)
@@ -50,7 +50,7 @@ def _supervise(settings: Settings) -> int:
     import logging
     import os
 
-    from service import processes
+    from service import supervisor
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with tempfile.TemporaryDirectory(prefix="vae-metrics-") as metrics_dir:
@@ -58,10 +58,9 @@ def _supervise(settings: Settings) -> int:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
         count = settings.server_processes()
         child_settings = settings.model_copy(update={"metrics_dir": Path(metrics_dir), "processes": count})
-        sock = processes.bind(settings.host, settings.port)
-        supervisor = processes.Supervisor(partial(processes.serve_child, child_settings), sock, count,
-                                          grace_s=settings.grace_period_s, metrics_dir=Path(metrics_dir))
-        return supervisor.run()
+        sock = supervisor.bind(settings.host, settings.port)
+        return supervisor.Supervisor(partial(supervisor.serve_child, child_settings), sock, count,
+                                     grace_s=settings.grace_period_s, metrics_dir=Path(metrics_dir)).run()
 
 
 if __name__ == "__main__":

@@ -32,13 +32,13 @@ class Settings(BaseSettings):
     # up to 8) on CPU, one on a GPU.
     model_workers: Optional[int] = Field(None, ge=1, le=64)
     # Server processes behind the one port, each a full replica (model, batcher, workers); see
-    # service/processes.py. Default: one per usable CPU core (cgroup quota aware, up to 8), one on a GPU.
+    # service/supervisor.py. Default: one per usable CPU core (cgroup quota aware, up to 8), one on a GPU.
     processes: Optional[int] = Field(None, ge=1, le=64)
     # Where the processes keep their metric values (set by the supervisor; None with one process).
     metrics_dir: Optional[Path] = None
     # Batch shapes: on a GPU a batch is padded up to the smallest bucket that fits (each warmed at
     # start-up); on CPU it runs at its exact size, padded only up to the size from which the warm-up found
-    # every row bit-identical to the largest call (service.runtime). The largest bucket is max_batch_rows.
+    # every row bit-identical to the largest call (service.core.runtime). The largest bucket is max_batch_rows.
     buckets: List[int] = Field(default_factory=lambda: [4, 16, 64])
     # A score row costs K decodes; one score call holds at most this many decoded images (default:
     # 128 on CPU, 4096 on a GPU).
@@ -61,7 +61,7 @@ class Settings(BaseSettings):
     # /metrics without the API key, for an in-cluster scraper that cannot send one; everything else but
     # /livez and /readyz still needs the key.
     metrics_public: bool = False
-    # The page at / (service/routes/ui.py): a look at the model in a browser. Its three files need no key (the
+    # The page at / (service/api/routes/ui.py): a look at the model in a browser. Its three files need no key (the
     # page asks for it and sends it on its own requests); false serves no page and leaves those paths closed.
     ui: bool = True
 
@@ -74,8 +74,7 @@ class Settings(BaseSettings):
 
     def server_processes(self) -> int:
         """How many server processes: ``processes``, or the default for this device and machine."""
-        from service.devices import available_cpus
-        from service.processes import default_processes
+        from service.core.devices import available_cpus, default_processes
 
         return self.processes or default_processes(self.device, available_cpus())
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from service.devices import pin_cpu_numerics
+from service.core.devices import pin_cpu_numerics
 from training.data import Dataset, load_dataset
 
 # As the service does at start: the session trains models in this process before any app is created, and MKL
@@ -23,7 +23,7 @@ def digits_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     Its metadata holds evaluation, scoring (K=32, noise_seed 0) and calibration scores of the calib split of
     ``load_dataset("digits")`` (the CLI always splits with seed 0, whatever ``--seed``).
     """
-    from training.__main__ import main
+    from training.cli import main
 
     out = tmp_path_factory.mktemp("digits") / "vae.ts"
     assert main([*DIGITS_ARGS, "--out", str(out)]) == 0

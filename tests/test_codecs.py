@@ -1,4 +1,4 @@
-"""service.codecs: every fixture is generated in memory with Pillow / numpy."""
+"""service.core.codecs: every fixture is generated in memory with Pillow / numpy."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.codecs import (
+from service.core.codecs import (
     ImageSpec,
     ImageTooLarge,
     InvalidArray,
@@ -445,6 +445,6 @@ def test_image_spec_validates():
 
 def test_codecs_import_neither_torch_nor_training():
     root = Path(__file__).resolve().parents[1]
-    code = "import sys, service.codecs; print(sorted({'torch', 'training'} & set(sys.modules)))"
+    code = "import sys, service.core.codecs; print(sorted({'torch', 'training'} & set(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

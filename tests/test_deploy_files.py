@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from service.metrics import Metrics
+from service.core.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -33,8 +33,8 @@ PROMQL_WORDS = {
 # The metrics contract of service/metrics.py that the dashboard and the alert rules are written against:
 # family -> (type, label names). test_service_exports_the_metric_contract holds the service to it.
 METRIC_CONTRACT = {
-    "vae_requests": ("counter", {"endpoint", "status"}),
-    "vae_request_duration_seconds": ("histogram", {"endpoint", "status"}),
+    "vae_requests": ("counter", {"endpoint", "status", "role"}),
+    "vae_request_duration_seconds": ("histogram", {"endpoint", "status", "role"}),
     "vae_queue_depth": ("gauge", {"kernel"}),
     "vae_queue_capacity": ("gauge", {"kernel"}),
     "vae_queue_wait_seconds": ("histogram", {"kernel"}),

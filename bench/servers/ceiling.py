@@ -1,7 +1,7 @@
 """The ceiling: the service's HTTP stack (FastAPI + uvicorn) parsing and decoding the same bodies, no model.
 
 Each endpoint reads the body exactly like the others (.npy, JSON, and multipart PNG parts split with the
-service's own parser, ``service.inputs.multipart_files``), decodes the images on the event loop (the
+service's own parser, ``service.api.inputs.multipart_files``), decodes the images on the event loop (the
 cheapest place for a 28x28 PNG) and returns a precomputed body of the right shape and size. It runs as many
 uvicorn processes as our service runs server processes (``--processes``). Nothing a model server does can be
 faster on this stack. Also serves ``GET /constant`` (no body parsing at all), which the benchmark uses to
@@ -19,7 +19,7 @@ import uvicorn
 from fastapi import FastAPI, Request, Response
 
 from bench import common
-from service.inputs import multipart_files
+from service.api.inputs import multipart_files
 
 JSON = "application/json"
 

@@ -165,7 +165,7 @@ def check(url: str, jpeg: str = None) -> None:
 
     status, _, raw = request(url + "/metrics")
     text = raw.decode()
-    wanted = ['vae_ready 1.0', 'vae_requests_total{endpoint="/encode",status="200"}', "vae_model_info{",
+    wanted = ['vae_ready 1.0', 'vae_requests_total{endpoint="/encode",role="model",status="200"}', "vae_model_info{",
               'vae_batch_rows_count{kernel="encode"}', 'vae_queue_capacity{kernel="encode"}']
     missing = [m for m in wanted if m not in text]
     report(status == 200 and not missing, "/metrics exposes the dashboard's series", f"missing {missing}" if missing else "")

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service import codecs
+from service.core import codecs
 from service.app import create_app
 from service.config import Settings
-from service.inputs import INLINE_BYTES
+from service.api.inputs import INLINE_BYTES
 from test_faults import in_process, settings_for
 
 SIDE = 4000  # 16 M pixels: within the default max_pixels (4096 * 4096); a black one is a 15.6 KB PNG

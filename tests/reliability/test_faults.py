@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
 from service.config import Settings
-from service.runtime import ModelRuntime
+from service.core.runtime import ModelRuntime
 
 NPY = "application/x-npy"
 POISON = 13  # an image whose pixels are all 13 (or a latent of all 13.0) makes a FailingKernels kernel raise
@@ -244,7 +244,7 @@ async def test_out_of_memory_splits_the_batch_and_gives_identical_results(digits
     small = load(SmallDevice, digits_artifact, max_rows=4, max_score_decodes=16 * 32)
     async with in_process(create_app(settings, runtime=small)) as client:
         small.module.calls.clear()  # forget the warm-up
-        with caplog.at_level(logging.WARNING, logger="service.runtime"):
+        with caplog.at_level(logging.WARNING, logger="service.core.runtime"):
             got = await _responses(client, rows)
     np.testing.assert_array_equal(got["encode"], expected["encode"])
     np.testing.assert_array_equal(got["decode"], expected["decode"])

@@ -8,7 +8,7 @@ that asked for a deadline of its own (a generated X-Request-Timeout of a few mil
 
 ``positive_data_acceptance`` is left out: the schema says "binary" for an image part, and random bytes are a
 valid binary string but not an image, so a 422 for them is right. Where the generator can build a wholly valid
-body (latents, sample parameters), the document states every limit of the running server (service.openapi),
+body (latents, sample parameters), the document states every limit of the running server (service.api.openapi),
 and nearly every generated request is served.
 """
 

@@ -33,7 +33,7 @@ def variant(settings: Settings, **changes) -> Settings:
 
 def train_artifact(tmp_path_factory: pytest.TempPathFactory, name: str, args: list) -> Path:
     """A vae.ts trained through the real training CLI with ``args`` (on CPU: pass ``--device cpu``)."""
-    from training.__main__ import main
+    from training.cli import main
 
     out = tmp_path_factory.mktemp(name) / "vae.ts"
     assert main([*args, "--out", str(out)]) == 0

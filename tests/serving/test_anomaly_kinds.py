@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from service.scoring import Calibration, ScoreKinds, UnknownScoreKind
+from service.core.scoring import Calibration, ScoreKinds, UnknownScoreKind
 from training.model import VAE, VAEConfig
 from vae_artifact import complexity
 from vae_artifact.io import load_artifact

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from service.runtime import ModelRuntime
+from service.core.runtime import ModelRuntime
 
 
 class Recording:

@@ -7,8 +7,8 @@ import time
 import numpy as np
 import pytest
 
-from service.batching import BatchFailed, Batcher, DeadlineExceeded, QueueFull
-from service.metrics import Metrics
+from service.core.batching import BatchFailed, Batcher, DeadlineExceeded, QueueFull
+from service.core.metrics import Metrics
 
 
 class Kernel:

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from conftest import SERVED_DEVICE, wait_ready
 from service.app import create_app
 from service.config import Settings
-from training.__main__ import main as train
+from training.cli import main as train
 from training.calibration import KINDS, recalibrate
 from training.data import load_dataset, to_8bit
 from vae_artifact.io import load_artifact

@@ -122,7 +122,7 @@ async def test_ops(vae, server: Server):
     # /livez and /metrics are for orchestrators, not client methods.
     assert httpx.get(f"{server.url}/livez").json() == {"status": "alive"}
     metrics = httpx.get(f"{server.url}/metrics").text
-    assert "vae_ready 1.0" in metrics and 'vae_requests_total{endpoint="/readyz",status="200"}' in metrics
+    assert "vae_ready 1.0" in metrics and 'vae_requests_total{endpoint="/readyz",role="probe",status="200"}' in metrics
 
 
 async def test_encode_every_input_form_agrees(vae, digits: np.ndarray):
@@ -285,7 +285,7 @@ def _settings(artifact: Path) -> Settings:
 
 
 def _count(metrics: str, endpoint: str, status: int) -> float:
-    prefix = f'vae_requests_total{{endpoint="{endpoint}",status="{status}"}} '
+    prefix = f'vae_requests_total{{endpoint="{endpoint}",role="model",status="{status}"}} '
     return sum(float(line[len(prefix):]) for line in metrics.splitlines() if line.startswith(prefix))
 
 

@@ -192,9 +192,11 @@ def test_metrics_count_the_editing_endpoints_and_the_key_guards_them(client, set
     client.post("/edit", json={"z": [[0.0] * 16], "direction": "pixel:ink"})
     client.post("/directions/compute", json={"positive": b64(digit_images[:2]), "negative": b64(digit_images[2:4])})
     text = client.get("/metrics").text
-    counted = {(s.labels["endpoint"], s.labels["status"]) for family in text_string_to_metric_families(text)
-               for s in family.samples if s.name == "vae_requests_total"}
-    assert {("/directions", "200"), ("/edit", "422"), ("/edit", "200"), ("/directions/compute", "200")} <= counted
+    counted = {(s.labels["endpoint"], s.labels["status"], s.labels["role"])
+               for family in text_string_to_metric_families(text) for s in family.samples
+               if s.name == "vae_requests_total"}
+    assert {("/directions", "200", "other"), ("/edit", "422", "model"), ("/edit", "200", "model"),
+            ("/directions/compute", "200", "model")} <= counted
     keyed = TestClient(create_app(variant(settings, api_key="k" * 16)))  # no lifespan: the key is checked first
     for method, path in (("GET", "/directions"), ("POST", "/edit"), ("POST", "/directions/compute")):
         response = keyed.request(method, path, json={})

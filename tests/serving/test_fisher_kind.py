@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from service.scoring import ScoreKinds
+from service.core.scoring import ScoreKinds
 from test_anomaly_kinds import slow_iw_score
 from test_combination import slow_fisher
 from vae_artifact.io import load_artifact

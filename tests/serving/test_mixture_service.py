@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import SERVED_DEVICE, serving, train_artifact
-from service.codecs import encode_npy
+from service.core.codecs import encode_npy
 from vae_artifact.io import load_artifact
 
 NPY = "application/x-npy"

@@ -302,7 +302,7 @@ def test_tritonclient_sees_the_reason(tc, digit_images):
 
 # -- metrics, OpenAPI ------------------------------------------------------------------------------------------
 def requests_total(http: httpx.Client, endpoint: str, status: int) -> float:
-    series = f'vae_requests_total{{endpoint="{endpoint}",status="{status}"}} '
+    series = f'vae_requests_total{{endpoint="{endpoint}",role="model",status="{status}"}} '
     return next((float(line[len(series):]) for line in http.get("/metrics").text.splitlines()
                  if line.startswith(series)), 0.0)
 

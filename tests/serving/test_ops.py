@@ -44,9 +44,9 @@ def test_metrics_parse_and_move_with_traffic(client, digit_images):
         key = (name, tuple(sorted(labels.items())))
         return after.get(key, 0) - before.get(key, 0)
 
-    assert delta("vae_requests_total", endpoint="/encode", status="200") == 1
-    assert delta("vae_requests_total", endpoint="/decode", status="422") == 1
-    assert delta("vae_request_duration_seconds_count", endpoint="/encode", status="200") == 1
+    assert delta("vae_requests_total", endpoint="/encode", status="200", role="model") == 1
+    assert delta("vae_requests_total", endpoint="/decode", status="422", role="model") == 1
+    assert delta("vae_request_duration_seconds_count", endpoint="/encode", status="200", role="model") == 1
     assert delta("vae_batch_rows_sum", kernel="encode") == 1
     assert delta("vae_model_seconds_count", kernel="encode") == 1
     assert delta("vae_queue_wait_seconds_count", kernel="encode") == 1

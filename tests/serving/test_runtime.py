@@ -8,7 +8,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from service.runtime import ArtifactError, ModelRuntime
+from service.core.runtime import ArtifactError, ModelRuntime
 
 
 def serve(*args, env=None):

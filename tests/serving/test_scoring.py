@@ -87,7 +87,7 @@ def test_calibration_comes_from_metadata():
 def test_scores_at_another_k_than_the_calibrations_are_not_calibrated():
     """Rows and summary of the service's pure functions: a K other than the calibration's nulls every field that
     compares with the calibration scores; the same K fills them."""
-    from service.scoring import calibration_summary, score_rows
+    from service.core.scoring import calibration_summary, score_rows
 
     rng = np.random.default_rng(0)
     outputs = {"iw_ll": -rng.uniform(90, 110, 3), "elbo": -rng.uniform(110, 120, 3), "rec": -rng.uniform(80, 90, 3),

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.config import Settings
-from service.routes import ui
+from service.api.routes import ui
 
 REPO = Path(__file__).resolve().parents[2]
 KEY = "ui-t3st-key-9c1e"
@@ -47,7 +47,7 @@ def test_only_the_page_is_opened_by_the_key_exemption():
         response = client.get(path)
         assert response.status_code == 401, (path, response.status_code)
     assert client.post("/sample", json={"n": 1}).status_code == 401
-    assert ui.PATHS == frozenset(FILES)
+    assert set(ui.ASSETS) == set(FILES)
 
 
 def test_vae_ui_false_serves_no_page_and_opens_nothing(monkeypatch):
@@ -87,10 +87,11 @@ def test_the_page_calls_only_endpoints_the_server_has():
 
 
 def test_the_files_are_package_data_of_the_wheel():
-    """pyproject ships every file of service/ui/ (an editable install would serve them even if it did not)."""
+    """pyproject ships every file of service/api/ui/ (an editable install would serve them even if it did not)."""
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
-    patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["service"]
-    names = sorted(path.name for path in (REPO / "service" / "ui").iterdir())
+    package_data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    patterns = package_data["service.api"]
+    names = sorted(path.name for path in (REPO / "service" / "api" / "ui").iterdir())
     assert names == ["app.js", "index.html", "style.css"]
     for name in names:
         assert any(fnmatch.fnmatch(f"ui/{name}", pattern) for pattern in patterns), name

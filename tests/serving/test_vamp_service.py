@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import SERVED_DEVICE, serving, train_artifact
-from service import latent
-from service.runtime import ModelRuntime
+from service.core import latent
+from service.core.runtime import ModelRuntime
 from vae_artifact.errors import ArtifactError
 from vae_artifact.io import load_artifact, save_artifact
 

@@ -21,7 +21,7 @@ import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from service.errors import InvalidTensor, MalformedBody, RequestTooLarge, UnsupportedMediaType
+from service.core.errors import InvalidTensor, MalformedBody, RequestTooLarge, UnsupportedMediaType
 
 HEADER_LENGTH = "inference-header-content-length"
 BINARY = "application/octet-stream"

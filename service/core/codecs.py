@@ -41,13 +41,9 @@ from typing import List, Optional, Tuple, TypeVar
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from service.core.errors import InvalidInput
+
 T = TypeVar("T")
-
-class InvalidInput(ValueError):
-    """Base for client-side input errors; ``code`` is a short machine-readable string."""
-
-    code = "invalid_input"
-
 
 class InvalidImage(InvalidInput):
     code = "invalid_image"

@@ -12,7 +12,7 @@ from typing import Iterable, List
 from fastapi import FastAPI
 
 from service.config import Settings
-from service.schemas import MAX_STRENGTHS
+from service.api.schemas import MAX_STRENGTHS
 
 
 def install(app: FastAPI) -> None:
@@ -23,9 +23,9 @@ def install(app: FastAPI) -> None:
 
     def openapi() -> dict:
         state = app.state.service
-        if not constrained and state.runtime is not None and state.score_kinds is not None:
-            constrained.append(constrain(generic(), state.settings, state.runtime.info.latent_dim,
-                                         state.score_kinds.kinds))
+        if not constrained and state.model is not None:
+            constrained.append(constrain(generic(), state.settings, state.model.info.latent_dim,
+                                         state.model.score_kinds.kinds))
         return constrained[0] if constrained else generic()
 
     app.openapi = openapi

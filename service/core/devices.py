@@ -117,3 +117,16 @@ def resolve_device(name: str) -> torch.device:
             raise DeviceUnavailable(
                 f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
     return device
+
+
+def default_processes(device: str, cpus: int) -> int:
+    """One per usable core on CPU (up to 8); one on a GPU, where one process batches for the whole device."""
+    if device.startswith("cuda") or (device == "auto" and Path("/dev/nvidiactl").exists() and _cuda()):
+        return 1
+    return max(1, min(8, cpus))
+
+
+def _cuda() -> bool:
+    import torch  # only on a host with an NVIDIA driver: the supervisor itself otherwise never loads torch
+
+    return torch.cuda.is_available()

@@ -29,10 +29,11 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 
-from service import codecs
-from service.errors import MalformedBody, RequestTooLarge, UnsupportedMediaType
-from service.responses import NPY
-from service.schemas import ImagesIn
+from service.api.responses import NPY
+from service.api.schemas import ImagesIn
+from service.config import Settings
+from service.core import codecs
+from service.core.errors import InvalidInput, MalformedBody, RequestTooLarge, UnsupportedMediaType
 
 NPY_TYPES = (NPY, "application/octet-stream")
 INLINE_BYTES = 16 * 1024
@@ -41,7 +42,7 @@ M = TypeVar("M", bound=BaseModel)
 
 def image_body(json_model: Type[BaseModel] = ImagesIn, files: Optional[int] = None) -> dict:
     """OpenAPI for an image body in any of its three forms: multipart with ``files`` file parts (default: one or
-    more; service.openapi adds the server's row limit), ``json_model`` as JSON, or an npy batch."""
+    more; service.api.openapi adds the server's row limit), ``json_model`` as JSON, or an npy batch."""
     count = {"minItems": 1} if files is None else {"minItems": files, "maxItems": files}
     file_parts = {"type": "array", "items": {"type": "string", "format": "binary"}, **count, "description": (
         "Image files: every part with a filename is one, whatever its name. Other form fields are ignored, but "
@@ -72,17 +73,18 @@ async def read_json(request: Request, model: Type[M]) -> M:
     try:
         return model.model_validate(orjson.loads(body))
     except orjson.JSONDecodeError as exc:
-        raise codecs.InvalidInput(f"body is not valid JSON: {exc}") from exc
+        raise InvalidInput(f"body is not valid JSON: {exc}") from exc
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "body"
-        raise codecs.InvalidInput(f"{where}: {first['msg']}") from exc
+        raise InvalidInput(f"{where}: {first['msg']}") from exc
 
 
-async def read_images(request: Request, spec: codecs.ImageSpec, max_rows: int) -> np.ndarray:
-    """Any accepted image body -> uint8 (N, C, H, W) in the model's mode and size, within ``max_rows`` and the
-    server's ``max_request_pixels`` (the module docstring's three steps)."""
-    max_pixels = request.app.state.service.settings.max_request_pixels
+async def read_images(request: Request, spec: codecs.ImageSpec, limits: Settings,
+                      max_rows: Optional[int] = None) -> np.ndarray:
+    """Any accepted image body -> uint8 (N, C, H, W) in the model's mode and size, within ``max_rows`` (default:
+    the server's) and the server's ``max_request_pixels`` (the module docstring's three steps)."""
+    max_rows, max_pixels = max_rows or limits.max_rows, limits.max_request_pixels
     kind = media_type(request)
     if kind == "multipart/form-data":
         body = await request.body()
@@ -202,16 +204,16 @@ def multipart_named_files(body: bytes, content_type: str, max_parts: int) -> Lis
 
 
 async def read_image_groups(request: Request, spec: codecs.ImageSpec, model: Type[BaseModel], groups: Sequence[str],
-                            max_rows: int) -> Dict[str, np.ndarray]:
+                            limits: Settings) -> Dict[str, np.ndarray]:
     """Images in named groups (e.g. positive and negative examples) -> uint8 (N, C, H, W) per group: multipart
     file parts whose field name is the group's, or JSON ``model`` with a list of base64 images per group. The
     limits of ``read_images`` apply to all the images together; a group without images is InvalidInput."""
+    max_rows = limits.max_rows
     kind = media_type(request)
     if kind == "application/json":
         payload = await read_json(request, model)
         named = [(group, item) for group in groups for item in getattr(payload, group)]
-        images = await decode_base64([item for _, item in named], spec, max_rows,
-                                     request.app.state.service.settings.max_request_pixels)
+        images = await decode_base64([item for _, item in named], spec, max_rows, limits.max_request_pixels)
     elif kind == "multipart/form-data":
         body = await request.body()
         named = multipart_named_files(body, request.headers["content-type"], max_parts=max_rows + 1)
@@ -221,7 +223,7 @@ async def read_image_groups(request: Request, spec: codecs.ImageSpec, model: Typ
             raise codecs.InvalidImage(f"multipart body has no file part named {' or '.join(groups)}")
         files = [data for _, data in named]
         pixels = await _inline_if(len(body) <= INLINE_BYTES, codecs.sources_pixels, files, spec)
-        images = await _decode(files, pixels, len(body), spec, request.app.state.service.settings.max_request_pixels)
+        images = await _decode(files, pixels, len(body), spec, limits.max_request_pixels)
     else:
         raise UnsupportedMediaType(
             f"send images as multipart/form-data or application/json, not {kind or 'no Content-Type'}")
@@ -229,7 +231,7 @@ async def read_image_groups(request: Request, spec: codecs.ImageSpec, model: Typ
     out = {group: images[names == group] for group in groups}
     empty = [group for group, array in out.items() if len(array) == 0]
     if empty:
-        raise codecs.InvalidInput(f"no {' and no '.join(empty)} images: every group needs at least one")
+        raise InvalidInput(f"no {' and no '.join(empty)} images: every group needs at least one")
     return out
 
 
@@ -237,11 +239,11 @@ def latents(z: List[List[float]], dim: int, max_rows: int) -> np.ndarray:
     _check_rows(len(z), max_rows)
     bad = [i for i, v in enumerate(z) if len(v) != dim]
     if bad:
-        raise codecs.InvalidInput(f"z[{bad[0]}] has {len(z[bad[0]])} values; this model's latent size is {dim}")
+        raise InvalidInput(f"z[{bad[0]}] has {len(z[bad[0]])} values; this model's latent size is {dim}")
     with np.errstate(over="ignore"):  # overflow is reported below as a client error
         array = np.asarray(z, dtype=np.float32)
     if not np.isfinite(array).all():  # finite in float64 JSON can still overflow float32
-        raise codecs.InvalidInput("z has values that are not finite in float32")
+        raise InvalidInput("z has values that are not finite in float32")
     return array
 
 

@@ -6,17 +6,18 @@ from typing import Annotated, Literal, Optional
 import numpy as np
 from fastapi import APIRouter, Query, Request, Response
 
-from service import codecs, latent
-from service.deps import CALL_HEADERS, Model, client_gone
-from service.errors import RequestTooLarge
-from service.inputs import IMAGE_BODY, decode_base64, image_body, json_body, latents, read_images, read_json
-from service.responses import NPY, JSONResponse, images_response, wants_npy
-from service.schemas import EncodeOut, ErrorResponse, ImagesOut, InterpolateIn, LatentsIn, SampleIn
+from service.api.deps import CALL_HEADERS, Model, ModelCall, client_gone
+from service.api.inputs import IMAGE_BODY, decode_base64, image_body, json_body, latents, read_images, read_json
+from service.api.responses import NPY, JSONResponse, images_response, wants_npy
+from service.api.routing import ModelRoute
+from service.api.schemas import EncodeOut, ErrorResponse, ImagesOut, InterpolateIn, LatentsIn, SampleIn
+from service.core import codecs, latent
+from service.core.errors import InvalidInput, RequestTooLarge
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 500, 503, 504)}
 IMAGES_OUT = {200: {"content": {NPY: {"schema": {"type": "string", "format": "binary"}}}}}
 
-router = APIRouter(tags=["inference"], responses=ERRORS)
+router = APIRouter(tags=["inference"], responses=ERRORS, route_class=ModelRoute)
 
 
 @router.post("/encode", response_model=EncodeOut, openapi_extra=IMAGE_BODY | CALL_HEADERS,
@@ -27,9 +28,8 @@ async def encode(
     seed: Annotated[Optional[int], Query(ge=0, le=2**63 - 1)] = None,
 ) -> Response:
     """Images -> posterior mean and log-variance per image (npy: (N, 2, D) stacked mu, logvar)."""
-    state, deadline = call.state, call.deadline
-    images = await read_images(request, state.image_spec, state.settings.max_rows)
-    out = await state.batcher.submit("encode", images, deadline=deadline, abandoned=client_gone(request))
+    images = await read_images(request, call.model.image_spec, call.settings)
+    out = await call.batcher.submit("encode", images, deadline=call.deadline, abandoned=client_gone(request))
     if wants_npy(request):
         return Response(codecs.encode_npy(np.stack([out["mu"], out["logvar"]], axis=1)), media_type=NPY)
     body = {"mu": out["mu"].tolist(), "logvar": out["logvar"].tolist(), "z": None, "seed": None}
@@ -42,28 +42,26 @@ async def encode(
 @router.post("/decode", response_model=ImagesOut, responses=IMAGES_OUT, openapi_extra=json_body(LatentsIn) | CALL_HEADERS)
 async def decode(request: Request, call: Model) -> Response:
     """Latent vectors -> images (base64 PNG in JSON, or float32 pixel means as npy)."""
-    state, deadline = call.state, call.deadline
     body = await read_json(request, LatentsIn)
-    z = latents(body.z, state.runtime.info.latent_dim, state.settings.max_rows)
-    out = await state.batcher.submit("decode", z, deadline=deadline, abandoned=client_gone(request))
+    z = latents(body.z, call.model.info.latent_dim, call.settings.max_rows)
+    out = await call.batcher.submit("decode", z, deadline=call.deadline, abandoned=client_gone(request))
     return await images_response(request, out["pixels"], z)
 
 
 @router.post("/sample", response_model=ImagesOut, responses=IMAGES_OUT, openapi_extra=json_body(SampleIn) | CALL_HEADERS)
 async def sample(request: Request, call: Model) -> Response:
     """Draw n images from the prior; the same seed gives the same z and the same bytes."""
-    state, deadline = call.state, call.deadline
     body = await read_json(request, SampleIn)
-    if body.n > state.settings.max_n:
-        raise RequestTooLarge(f"n={body.n} is over the limit of {state.settings.max_n}")
+    if body.n > call.settings.max_n:
+        raise RequestTooLarge(f"n={body.n} is over the limit of {call.settings.max_n}")
     seed = secrets.randbits(63) if body.seed is None else body.seed
-    prior, dim = state.runtime.metadata.prior, state.runtime.info.latent_dim
+    prior, dim = call.model.runtime.metadata.prior, call.model.info.latent_dim
     if prior.is_standard:
         z = latent.prior_sample(body.n, dim, seed, body.temperature)
     else:  # a mixture: noise and components from the seed here, z from the artifact's own sampler
         rows = latent.mixture_noise(body.n, dim, prior.components, seed, body.temperature)
-        z = (await state.batcher.submit("prior", rows, deadline=deadline, abandoned=client_gone(request)))["z"]
-    out = await state.batcher.submit("decode", z, deadline=deadline, abandoned=client_gone(request))
+        z = (await call.batcher.submit("prior", rows, deadline=call.deadline, abandoned=client_gone(request)))["z"]
+    out = await call.batcher.submit("decode", z, deadline=call.deadline, abandoned=client_gone(request))
     return await images_response(request, out["pixels"], z, seed=seed)
 
 
@@ -75,30 +73,30 @@ async def interpolate(
     method: Annotated[Literal["linear", "slerp"], Query()] = "slerp",
 ) -> Response:
     """Frames between two images (their posterior means) or two latents; the ends decode mu_a and mu_b."""
-    state, deadline = call.state, call.deadline
-    if steps > state.settings.max_steps:
-        raise RequestTooLarge(f"steps={steps} is over the limit of {state.settings.max_steps}")
-    ends = await _end_latents(request, state, deadline)
+    if steps > call.settings.max_steps:
+        raise RequestTooLarge(f"steps={steps} is over the limit of {call.settings.max_steps}")
+    ends = await _end_latents(request, call)
     path = latent.interpolate(ends[0], ends[1], steps, method)
     # Never a non-finite frame to the model or into the JSON (orjson would write null): schemas.END_MAX keeps
     # latent ends far enough inside float32, but the posterior means of image ends are not bounded by it.
     if not np.isfinite(path).all():
-        raise codecs.InvalidInput("the path between these ends leaves the float32 range")
-    out = await state.batcher.submit("decode", path, deadline=deadline, abandoned=client_gone(request))
+        raise InvalidInput("the path between these ends leaves the float32 range")
+    out = await call.batcher.submit("decode", path, deadline=call.deadline, abandoned=client_gone(request))
     return await images_response(request, out["pixels"], path)
 
 
-async def _end_latents(request: Request, state, deadline: float) -> np.ndarray:
-    dim = state.runtime.info.latent_dim
+async def _end_latents(request: Request, call: ModelCall) -> np.ndarray:
+    dim = call.model.info.latent_dim
     if request.headers.get("content-type", "").startswith("application/json"):
         body = await read_json(request, InterpolateIn)
         if (body.z is None) == (body.images is None):
-            raise codecs.InvalidInput("give exactly one of z (two latents) or images (two base64 images)")
+            raise InvalidInput("give exactly one of z (two latents) or images (two base64 images)")
         if body.z is not None:
             return latents(body.z, dim, 2)
-        images = await decode_base64(body.images, state.image_spec, 2, state.settings.max_request_pixels)
+        images = await decode_base64(body.images, call.model.image_spec, 2, call.settings.max_request_pixels)
     else:
-        images = await read_images(request, state.image_spec, 2)
+        images = await read_images(request, call.model.image_spec, call.settings, max_rows=2)
     if len(images) != 2:
-        raise codecs.InvalidInput(f"interpolation needs exactly two images, got {len(images)}")
-    return (await state.batcher.submit("encode", images, deadline=deadline, abandoned=client_gone(request)))["mu"]
+        raise InvalidInput(f"interpolation needs exactly two images, got {len(images)}")
+    return (await call.batcher.submit("encode", images, deadline=call.deadline,
+                                      abandoned=client_gone(request)))["mu"]

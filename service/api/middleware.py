@@ -1,7 +1,8 @@
 """Pure ASGI middleware: request metrics per endpoint and status, the in-flight and body-size limits, the API key.
 
 Pure ASGI rather than BaseHTTPMiddleware: no extra task per request, and the size limit is enforced while
-the body streams in, so an oversized upload is refused without being buffered.
+the body streams in, so an oversized upload is refused without being buffered. Which requests are model work,
+probes or the page, and what their metrics label is, each asks the app's route table (``service.api.routing``).
 """
 
 import hmac
@@ -9,22 +10,16 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.api.errors import error_response
+from service.api.routing import Role, RouteTable
 from service.config import Settings
-from service.errors import RequestTooLarge, error_response
-from service.inference_models import metrics_endpoint
-from service.metrics import Metrics
-
-# Endpoint label values are bounded: any other path is counted as "other".
-ENDPOINTS = frozenset({
-    "/encode", "/decode", "/sample", "/interpolate", "/anomaly-score",
-    "/livez", "/readyz", "/metrics", "/v1/model", "/docs", "/openapi.json", "/",
-    "/directions", "/edit", "/directions/compute",  # latent editing (service.routes.edit)
-})
+from service.core.errors import RequestTooLarge
+from service.core.metrics import Metrics
 
 
 class RequestMetrics:
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app, self.metrics = app, metrics
+    def __init__(self, app: ASGIApp, metrics: Metrics, routes: RouteTable) -> None:
+        self.app, self.metrics, self.routes = app, metrics, routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -41,21 +36,10 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            path = scope["path"]
-            # /v2 paths by route template (service.inference_models): model names only when they are ours
-            endpoint = path if path in ENDPOINTS else metrics_endpoint(path) or "other"
-            labels = (endpoint, str(status))
+            route = self.routes.find(scope["path"])
+            labels = (route.label, str(status), route.role.value)
             self.metrics.requests.labels(*labels).inc()
             self.metrics.request_seconds.labels(*labels).observe(time.perf_counter() - started)
-
-
-MODEL_ENDPOINTS = frozenset({"/encode", "/decode", "/sample", "/interpolate", "/anomaly-score", "/edit",
-                             "/directions/compute"})
-
-
-def is_model_path(path: str) -> bool:
-    """An endpoint that queues model work: ours, and the Open Inference Protocol's infer routes."""
-    return path in MODEL_ENDPOINTS or (path.startswith("/v2/") and path.endswith("/infer"))
 
 
 class InFlightLimit:
@@ -65,12 +49,12 @@ class InFlightLimit:
     of requests piles up in the event loop itself (the unbounded queue other servers are known for).
     """
 
-    def __init__(self, app: ASGIApp, limit: int, metrics: Metrics) -> None:
-        self.app, self.limit, self.metrics = app, limit, metrics
+    def __init__(self, app: ASGIApp, limit: int, metrics: Metrics, routes: RouteTable) -> None:
+        self.app, self.limit, self.metrics, self.routes = app, limit, metrics, routes
         self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not is_model_path(scope["path"]):
+        if scope["type"] != "http" or self.routes.find(scope["path"]).role is not Role.MODEL:
             return await self.app(scope, receive, send)
         if self.in_flight >= self.limit:
             self.metrics.rejections.labels("overloaded").inc()
@@ -112,26 +96,27 @@ class BodyLimit:
         await self.app(scope, limited_receive, send)
 
 
-# An orchestrator's probes carry no credentials (the Open Inference Protocol's health routes are probes too).
-PROBES = frozenset({"/livez", "/readyz", "/v2/health/live", "/v2/health/ready"})
-
-
 class ApiKeyRequired:
-    """With ``settings.api_key`` set, every request but the probes, ``public`` (the page at / and its files) and
-    /metrics with ``metrics_public`` needs that key in X-API-Key, else 401 before the app sees it.
+    """With ``settings.api_key`` set, every request but the probes (an orchestrator's probes carry no
+    credentials), the page at / with its files, and /metrics with ``metrics_public`` needs that key in
+    X-API-Key, else 401 before the app sees it.
 
     Middleware, not a route dependency: it also guards what no router of ours declares (the OpenAPI document,
     the Swagger UI and its assets, unknown paths). It must sit inside CORS, which answers a browser's
     preflight itself: a preflight never carries the key.
     """
 
-    def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics, public: frozenset = frozenset()) -> None:
-        self.app, self.metrics = app, metrics
+    def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics, routes: RouteTable) -> None:
+        self.app, self.metrics, self.routes = app, metrics, routes
         self.key = settings.api_key.get_secret_value().encode() if settings.api_key is not None else None
-        self.open = PROBES | public | ({"/metrics"} if settings.metrics_public else set())
+        self.metrics_public = settings.metrics_public
+
+    def _open(self, path: str) -> bool:
+        route = self.routes.find(path)
+        return route.role in (Role.PROBE, Role.PAGE) or (self.metrics_public and route.label == "/metrics")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.key is None or scope["type"] != "http" or scope["path"] in self.open:
+        if self.key is None or scope["type"] != "http" or self._open(scope["path"]):
             return await self.app(scope, receive, send)
         given = next((value for name, value in scope["headers"] if name == b"x-api-key"), None)
         # Constant-time comparison: the time taken says nothing about how much of the key matched.

@@ -18,7 +18,7 @@ from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from service.devices import pin_cpu_numerics, pin_gpu_numerics, resolve_device
+from service.core.devices import pin_cpu_numerics, pin_gpu_numerics, resolve_device
 from vae_artifact import noise
 from vae_artifact.errors import ArtifactError
 from vae_artifact.io import file_sha256, load_artifact

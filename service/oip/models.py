@@ -14,7 +14,6 @@ round(255 x), as /encode does with a float npy batch; so FP32 u / 255 and UINT8 
 """
 
 import math
-import re
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -22,12 +21,14 @@ from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, Tup
 
 import numpy as np
 
-from service import codecs, scoring
-from service.anomaly import score_images
-from service.deps import ServiceState
-from service.errors import InvalidTensor, RequestTooLarge, UnknownModel
-from service.inference_protocol import InferInput, InferRequest, Parameters, decoded_body, parse_request
-from service.runtime import ModelInfo
+from service.config import Settings
+from service.core import codecs, scoring
+from service.core.anomaly import score_images
+from service.core.batching import Batcher
+from service.core.errors import InvalidTensor, RequestTooLarge, UnknownModel
+from service.core.runtime import ModelInfo
+from service.core.served import ServedModel
+from service.oip.wire import InferInput, InferRequest, Parameters, decoded_body, parse_request
 
 VERSION = "1"  # one artifact is served at a time; its identity is /v1/model's sha256
 PLATFORM = "pytorch_torchscript"
@@ -44,8 +45,9 @@ CALIBRATED = {"p_value": "p_value", "percentile": "percentile", "is_anomaly": "i
 # nearest training image (fisher-<c>-nn kinds). Elsewhere that endpoint gives null; here they are left out.
 PER_KIND = {"complexity_bits": "complexity_bits", "neighbour_distance": "neighbour_distance"}
 
-Run = Callable[[ServiceState, Dict[str, np.ndarray], Any, float, Awaitable], Awaitable[Tuple[Dict[str, np.ndarray],
-                                                                                              Parameters]]]
+# (batcher, served model, input arrays, parameters, deadline, abandoned) -> (output arrays, response parameters)
+Run = Callable[[Batcher, ServedModel, Dict[str, np.ndarray], Any, float, Awaitable],
+               Awaitable[Tuple[Dict[str, np.ndarray], Parameters]]]
 
 
 @dataclass(frozen=True)
@@ -63,8 +65,9 @@ class ProtocolModel:
     name: str
     inputs: Tuple[TensorSpec, ...]
     outputs: Tuple[TensorSpec, ...]
-    run: Run  # (state, input arrays, parameters, deadline, abandoned) -> (output arrays, response parameters)
-    parameters: Callable[[ServiceState, Parameters], Any] = lambda state, given: None
+    run: Run
+    # (served model, limits, the request's parameters) -> the model's own parameters, checked
+    parameters: Callable[[ServedModel, Settings, Parameters], Any] = lambda served, limits, given: None
 
     def offered(self, parameters: Any) -> List[str]:
         """The outputs a request with these (checked) parameters can have."""
@@ -140,11 +143,11 @@ def _models(info: ModelInfo) -> Dict[str, ProtocolModel]:
     }
 
 
-def prepare(state: ServiceState, model_: ProtocolModel, body: bytes, header_length: Optional[str],
+def prepare(limits: Settings, served: ServedModel, model_: ProtocolModel, body: bytes, header_length: Optional[str],
             content_encoding: Optional[str] = None) -> Prepared:
     """A request body -> everything the model needs, every check made before any model work (CPU-bound for a
     large body: the route runs it in the thread pool then)."""
-    body = decoded_body(body, content_encoding, state.settings.max_body_bytes)
+    body = decoded_body(body, content_encoding, limits.max_body_bytes)
     request = parse_request(body, header_length)
     wanted = {spec.name: spec for spec in model_.inputs}
     unknown = sorted(set(request.inputs) - set(wanted))
@@ -152,7 +155,7 @@ def prepare(state: ServiceState, model_: ProtocolModel, body: bytes, header_leng
     if unknown or missing:
         raise InvalidTensor(f"model {model_.name!r} takes inputs {sorted(wanted)}; "
                             + (f"missing {missing}" if missing else f"got unknown {unknown}"))
-    parameters = model_.parameters(state, request.parameters)
+    parameters = model_.parameters(served, limits, request.parameters)
     offered = model_.offered(parameters)
     outputs = offered if request.outputs is None else list(request.outputs)
     for name in outputs:
@@ -164,7 +167,7 @@ def prepare(state: ServiceState, model_: ProtocolModel, body: bytes, header_leng
             elif name in PER_KIND:
                 why = f"; score kind {parameters.kind.name!r} has none"
             raise InvalidTensor(f"model {model_.name!r} has no output {name!r} here{why}; it offers {offered}")
-    arrays = {name: _rows(request.inputs[name], spec, state) for name, spec in wanted.items()}
+    arrays = {name: _rows(request.inputs[name], spec, limits) for name, spec in wanted.items()}
     return Prepared(request, arrays, parameters, outputs)
 
 
@@ -179,26 +182,10 @@ def deadline(call_deadline: float, parameters: Parameters) -> float:
     return min(call_deadline, time.monotonic() + timeout / 1e6)
 
 
-def metrics_endpoint(path: str) -> Optional[str]:
-    """The endpoint label of a /v2 path: its route template, with the model name when it is one of ours
-    (bounded: a client's arbitrary names and versions never become label values); None for other paths."""
-    if path in ("/v2", "/v2/health/live", "/v2/health/ready"):
-        return path
-    match = _MODEL_PATH.fullmatch(path)
-    if match is None:
-        return None
-    name = match.group(1) if match.group(1) in MODEL_NAMES else "{name}"
-    return f"/v2/models/{name}{match.group(2) or ''}"
-
-
-_MODEL_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/[^/]+)?(/ready|/infer)?")
-
-
 # -- inputs ---------------------------------------------------------------------------------------------------
-def _rows(tensor: InferInput, spec: TensorSpec, state: ServiceState) -> np.ndarray:
+def _rows(tensor: InferInput, spec: TensorSpec, settings: Settings) -> np.ndarray:
     """An input checked against its spec and the server's limits, before any element is converted, then as the
     kernel takes it: uint8 images or float32 latents."""
-    settings = state.settings
     if tensor.datatype not in spec.datatypes:
         raise InvalidTensor(f"input {tensor.name!r} takes {' or '.join(spec.datatypes)}, not {tensor.datatype}")
     shape = tensor.shape
@@ -225,13 +212,13 @@ def _rows(tensor: InferInput, spec: TensorSpec, state: ServiceState) -> np.ndarr
     return codecs.to_uint8(array)
 
 
-def _score_parameters(state: ServiceState, given: Parameters) -> ScoreParams:
+def _score_parameters(served: ServedModel, limits: Settings, given: Parameters) -> ScoreParams:
     """/anomaly-score's query parameters, as request parameters: k, alpha, score, tail."""
-    k = given.get("k", state.runtime.info.score_k)
+    k = given.get("k", served.info.score_k)
     if type(k) is not int or k < 1:
         raise InvalidTensor(f"parameters.k must be a positive integer, got {k!r}")
-    if k > state.settings.max_k:
-        raise RequestTooLarge(f"k={k} is over the limit of {state.settings.max_k}")
+    if k > limits.max_k:
+        raise RequestTooLarge(f"k={k} is over the limit of {limits.max_k}")
     alpha = given.get("alpha", 0.01)
     if type(alpha) not in (int, float) or not 0.0 < alpha < 1.0:
         raise InvalidTensor(f"parameters.alpha must be a number in (0, 1), got {alpha!r}")
@@ -241,26 +228,26 @@ def _score_parameters(state: ServiceState, given: Parameters) -> ScoreParams:
     score = given.get("score")
     if score is not None and not isinstance(score, str):
         raise InvalidTensor(f"parameters.score must be a score kind's name, got {score!r}")
-    return ScoreParams(state.score_kinds.get(score), k, float(alpha), tail)
+    return ScoreParams(served.score_kinds.get(score), k, float(alpha), tail)
 
 
 # -- running --------------------------------------------------------------------------------------------------
-async def _encode(state: ServiceState, arrays: Dict[str, np.ndarray], params: None, deadline: float,
-                  abandoned: Awaitable) -> Tuple[Dict[str, np.ndarray], Parameters]:
-    return await state.batcher.submit("encode", arrays["images"], deadline=deadline, abandoned=abandoned), {}
+async def _encode(batcher: Batcher, served: ServedModel, arrays: Dict[str, np.ndarray], params: None,
+                  deadline: float, abandoned: Awaitable) -> Tuple[Dict[str, np.ndarray], Parameters]:
+    return await batcher.submit("encode", arrays["images"], deadline=deadline, abandoned=abandoned), {}
 
 
-async def _decode(state: ServiceState, arrays: Dict[str, np.ndarray], params: None, deadline: float,
-                  abandoned: Awaitable) -> Tuple[Dict[str, np.ndarray], Parameters]:
-    return await state.batcher.submit("decode", arrays["z"], deadline=deadline, abandoned=abandoned), {}
+async def _decode(batcher: Batcher, served: ServedModel, arrays: Dict[str, np.ndarray], params: None,
+                  deadline: float, abandoned: Awaitable) -> Tuple[Dict[str, np.ndarray], Parameters]:
+    return await batcher.submit("decode", arrays["z"], deadline=deadline, abandoned=abandoned), {}
 
 
-async def _score(state: ServiceState, arrays: Dict[str, np.ndarray], params: ScoreParams, deadline: float,
-                 abandoned: Awaitable) -> Tuple[Dict[str, np.ndarray], Parameters]:
+async def _score(batcher: Batcher, served: ServedModel, arrays: Dict[str, np.ndarray], params: ScoreParams,
+                 deadline: float, abandoned: Awaitable) -> Tuple[Dict[str, np.ndarray], Parameters]:
     """As /anomaly-score: the score kernel, the kind's compressed sizes beside it, then scoring's rows, so the
     numbers are that endpoint's; they become one vector per field."""
-    rows, summary = await score_images(state, arrays["images"], params.kind, k=params.k, alpha=params.alpha,
-                                       tail=params.tail, deadline=deadline, abandoned=abandoned)
+    rows, summary = await score_images(batcher, served, arrays["images"], params.kind, k=params.k,
+                                       alpha=params.alpha, tail=params.tail, deadline=deadline, abandoned=abandoned)
     fields = {name: field for name, field in {**SCORE_FIELDS, **CALIBRATED, **PER_KIND}.items() if params.has(name)}
     arrays = {name: _column(rows, field) for name, field in fields.items()}
     parameters = {"score": params.kind.name, "k": params.k, **{
@@ -277,4 +264,4 @@ def _column(rows: List[dict], field: str) -> np.ndarray:
 
 
 __all__: Sequence[str] = ("MODEL_NAMES", "PLATFORM", "VERSION", "ProtocolModel", "Prepared", "TensorSpec",
-                          "deadline", "known", "metrics_endpoint", "model", "prepare")
+                          "deadline", "known", "model", "prepare")

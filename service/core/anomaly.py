@@ -6,25 +6,26 @@ import asyncio
 from typing import Awaitable, List, Optional, Tuple
 
 import numpy as np
-from starlette.concurrency import run_in_threadpool
 
-from service import scoring
-from service.deps import ServiceState
-from service.runtime import ScoreCall
+from service.core import scoring
+from service.core.batching import Batcher
+from service.core.runtime import ScoreCall
+from service.core.served import ServedModel
 
 
-async def score_images(state: ServiceState, images: np.ndarray, kind: scoring.ScoreKind, *, k: int, alpha: float,
-                       tail: str, deadline: Optional[float], abandoned: Optional[Awaitable]) -> Tuple[List[dict], dict]:
+async def score_images(batcher: Batcher, model: ServedModel, images: np.ndarray, kind: scoring.ScoreKind, *,
+                       k: int, alpha: float, tail: str, deadline: Optional[float],
+                       abandoned: Optional[Awaitable]) -> Tuple[List[dict], dict]:
     """Per image, the /anomaly-score row of ``kind`` at ``k`` samples; and the calibration summary."""
     # A kind that tests the latent bank gets each row's distance from the same batch call as its score.
     params = ScoreCall(k, neighbours=True) if kind.needs_neighbours else k
-    scored = state.batcher.submit("score", images, params=params, deadline=deadline, abandoned=abandoned)
+    scored = batcher.submit("score", images, params=params, deadline=deadline, abandoned=abandoned)
     if kind.compressor is None:
         out, bits = await scored, None
-    else:  # compress in the thread pool while the model works
-        out, bits = await asyncio.gather(scored, run_in_threadpool(state.score_kinds.complexity_bits, kind, images))
-    rows = await run_in_threadpool(
-        scoring.score_rows, out, num_dims=state.runtime.info.num_dims, calibration=kind.calibration,
+    else:  # compress on another thread while the model works
+        out, bits = await asyncio.gather(scored, asyncio.to_thread(model.score_kinds.complexity_bits, kind, images))
+    rows = await asyncio.to_thread(
+        scoring.score_rows, out, num_dims=model.info.num_dims, calibration=kind.calibration,
         alpha=alpha, tail=tail, k=k, complexity_bits=bits, kind=kind,
     )
     return rows, scoring.calibration_summary(kind.calibration, alpha, tail, k)

@@ -1,22 +1,23 @@
 """The Open Inference Protocol v2 (KServe v2 / Triton HTTP): health, metadata and inference of the models
-``encoder``, ``decoder`` and ``scorer`` (service.inference_models) on the same batcher, limits, deadlines,
+``encoder``, ``decoder`` and ``scorer`` (service.oip.models) on the same batcher, limits, deadlines,
 metrics and API key as the rest of the service. Errors are the protocol's ``{"error": "<message>"}``."""
 
 import importlib.metadata
-from typing import Annotated
+from typing import Annotated, Mapping
 
 from fastapi import APIRouter, Path, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from service import inference_models
-from service.deps import CALL_HEADERS, Model, State, client_gone
-from service.errors import ModelNotReady
-from service.inference_protocol import (
+from service.api.deps import CALL_HEADERS, Model, State, client_gone
+from service.api.inputs import INLINE_BYTES
+from service.api.responses import JSONResponse
+from service.api.routing import ModelRoute, ProbeRoute, RoleRoute
+from service.core.errors import ModelNotReady
+from service.oip import models as protocol
+from service.oip.wire import (
     BINARY, HEADER_LENGTH, InferenceRequestIn, InferenceResponseOut, LiveOut, ModelMetadataOut, ModelReadyOut,
     ProtocolError, ReadyOut, ServerMetadataOut, encode_response,
 )
-from service.inputs import INLINE_BYTES
-from service.responses import JSONResponse
 
 ERRORS = {code: {"model": ProtocolError} for code in (400, 401, 404, 413, 415, 500, 503, 504)}
 EXTENSIONS = ["binary_tensor_data"]
@@ -51,75 +52,100 @@ INFER_OUT = {200: {"content": {BINARY: {"schema": {"type": "string", "format": "
 # The document names the models and the version this server has (a generated request reaches a real model);
 # the routes still answer any other name or version with the protocol's 404.
 ModelName = Annotated[str, Path(description="encoder, decoder or scorer; any other name: 404.",
-                                json_schema_extra={"enum": list(inference_models.MODEL_NAMES)})]
+                                json_schema_extra={"enum": list(protocol.MODEL_NAMES)})]
 ModelVersion = Annotated[str, Path(description="Each model has one version, 1; any other: 404.",
-                                   json_schema_extra={"enum": [inference_models.VERSION]})]
-
-router = APIRouter(prefix="/v2", tags=["open inference protocol"], responses=ERRORS)
+                                   json_schema_extra={"enum": [protocol.VERSION]})]
 
 
-@router.get("", response_model=ServerMetadataOut)
+
+class _Named:
+    """A route under /v2/models/{name}: labelled by the model's name when it is one of ours (bounded: a client's
+    arbitrary names and versions never become label values), its version left out."""
+
+    def label(self, params: Mapping[str, str]) -> str:
+        name = params.get("name")
+        return self.path_format.replace("/versions/{version}", "").replace(
+            "{name}", name if name in protocol.MODEL_NAMES else "{name}")
+
+
+class NamedRoute(_Named, RoleRoute):
+    pass
+
+
+class NamedModelRoute(_Named, ModelRoute):
+    pass
+
+
+_ROUTERS = dict(prefix="/v2", tags=["open inference protocol"], responses=ERRORS)
+server = APIRouter(**_ROUTERS)
+probes = APIRouter(**_ROUTERS, route_class=ProbeRoute)
+models = APIRouter(**_ROUTERS, route_class=NamedRoute)  # metadata and readiness of each model
+inference = APIRouter(**_ROUTERS, route_class=NamedModelRoute)
+
+
+@server.get("", response_model=ServerMetadataOut)
 async def server_metadata() -> JSONResponse:
     """Server metadata: name, version and extensions (binary_tensor_data)."""
     return JSONResponse({"name": "vae-service", "version": _version(), "extensions": EXTENSIONS})
 
 
-@router.get("/health/live", response_model=LiveOut, responses={503: {"model": LiveOut}})
+@probes.get("/health/live", response_model=LiveOut, responses={503: {"model": LiveOut}})
 async def live(state: State) -> JSONResponse:
     """200 while the process serves HTTP; 503 if the model can never become ready (as /livez)."""
     return JSONResponse({"live": not state.failed}, status_code=503 if state.failed else 200)
 
 
-@router.get("/health/ready", response_model=ReadyOut, responses={503: {"model": ReadyOut}})
+@probes.get("/health/ready", response_model=ReadyOut, responses={503: {"model": ReadyOut}})
 async def ready(state: State) -> JSONResponse:
     """200 once every model is warm (in every server process); 503 before that and while draining (as /readyz)."""
     return _ready({"ready": state.server_ready})
 
 
-@router.get("/models/{name}", response_model=ModelMetadataOut)
+@models.get("/models/{name}", response_model=ModelMetadataOut)
 async def model_metadata(state: State, name: ModelName) -> JSONResponse:
     """A model's platform, versions, inputs and outputs (datatypes; shapes, -1 for any size)."""
-    if state.runtime is None:
+    if state.model is None:
         raise ModelNotReady("no model loaded yet")
-    return JSONResponse(inference_models.model(state.runtime.info, name).metadata())
+    return JSONResponse(protocol.model(state.model.info, name).metadata())
 
 
-@router.get("/models/{name}/versions/{version}", response_model=ModelMetadataOut)
+@models.get("/models/{name}/versions/{version}", response_model=ModelMetadataOut)
 async def model_version_metadata(state: State, name: ModelName, version: ModelVersion) -> JSONResponse:
     """The same, for one version of the model (each has one, "1")."""
-    inference_models.known(name, version)
+    protocol.known(name, version)
     return await model_metadata(state, name)
 
 
-@router.get("/models/{name}/ready", response_model=ModelReadyOut, responses={503: {"model": ModelReadyOut}})
+@models.get("/models/{name}/ready", response_model=ModelReadyOut, responses={503: {"model": ModelReadyOut}})
 async def model_ready(state: State, name: ModelName) -> JSONResponse:
     """200 when the model serves, 503 while it warms up or drains, 404 for a model this server does not have."""
-    inference_models.known(name)
+    protocol.known(name)
     return _ready({"name": name, "ready": state.server_ready})
 
 
-@router.get("/models/{name}/versions/{version}/ready", response_model=ModelReadyOut,
+@models.get("/models/{name}/versions/{version}/ready", response_model=ModelReadyOut,
             responses={503: {"model": ModelReadyOut}})
 async def model_version_ready(state: State, name: ModelName, version: ModelVersion) -> JSONResponse:
     """The same, for one version of the model."""
-    inference_models.known(name, version)
+    protocol.known(name, version)
     return await model_ready(state, name)
 
 
-@router.post("/models/{name}/infer", response_model=InferenceResponseOut, responses=INFER_OUT,
+@inference.post("/models/{name}/infer", response_model=InferenceResponseOut, responses=INFER_OUT,
              openapi_extra=INFER_BODY)
 async def infer(request: Request, call: Model, name: ModelName) -> Response:
     """Inputs -> the requested outputs, as JSON tensors or raw bytes (binary tensor data extension)."""
-    state = call.state
-    model = inference_models.model(state.runtime.info, name)
+    model = protocol.model(call.model.info, name)
     body = await request.body()
     small = len(body) <= INLINE_BYTES and "content-encoding" not in request.headers
-    args = (state, model, body, request.headers.get(HEADER_LENGTH), request.headers.get("content-encoding"))
-    prepared = inference_models.prepare(*args) if small else await run_in_threadpool(inference_models.prepare, *args)
-    deadline = inference_models.deadline(call.deadline, prepared.request.parameters)
-    arrays, parameters = await model.run(state, prepared.arrays, prepared.parameters, deadline, client_gone(request))
+    args = (call.settings, call.model, model, body, request.headers.get(HEADER_LENGTH),
+            request.headers.get("content-encoding"))
+    prepared = protocol.prepare(*args) if small else await run_in_threadpool(protocol.prepare, *args)
+    deadline = protocol.deadline(call.deadline, prepared.request.parameters)
+    arrays, parameters = await model.run(call.batcher, call.model, prepared.arrays, prepared.parameters, deadline,
+                                         client_gone(request))
     outputs = {output: arrays[output] for output in prepared.outputs}
-    args = (name, inference_models.VERSION, prepared.request, outputs, parameters)
+    args = (name, protocol.VERSION, prepared.request, outputs, parameters)
     if sum(array.nbytes for array in outputs.values()) <= INLINE_BYTES:
         content, json_length = encode_response(*args)
     else:
@@ -129,11 +155,11 @@ async def infer(request: Request, call: Model, name: ModelName) -> Response:
     return Response(content, media_type=BINARY, headers={"Inference-Header-Content-Length": str(json_length)})
 
 
-@router.post("/models/{name}/versions/{version}/infer", response_model=InferenceResponseOut, responses=INFER_OUT,
+@inference.post("/models/{name}/versions/{version}/infer", response_model=InferenceResponseOut, responses=INFER_OUT,
              openapi_extra=INFER_BODY)
 async def infer_version(request: Request, call: Model, name: ModelName, version: ModelVersion) -> Response:
     """The same, for one version of the model."""
-    inference_models.known(name, version)
+    protocol.known(name, version)
     return await infer(request, call, name)
 
 

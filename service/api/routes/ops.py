@@ -2,17 +2,19 @@
 /v1/model need it when the server has one (/metrics not with VAE_METRICS_PUBLIC), see ApiKeyRequired."""
 
 from fastapi import APIRouter, Response
-from service.responses import JSONResponse
+from service.api.responses import JSONResponse
 
-from service.deps import State
-from service.metrics import CONTENT_TYPE
-from service.schemas import ErrorResponse, ModelOut, Status
+from service.api.deps import State
+from service.api.routing import ProbeRoute
+from service.core.metrics import CONTENT_TYPE
+from service.api.schemas import ErrorResponse, ModelOut, Status
 
 router = APIRouter(tags=["ops"])
+probes = APIRouter(tags=["ops"], route_class=ProbeRoute)
 KEYED = {401: {"model": ErrorResponse, "description": "Missing or wrong X-API-Key (when the server has a key)."}}
 
 
-@router.get("/livez", response_model=Status, responses={503: {"model": Status}})
+@probes.get("/livez", response_model=Status, responses={503: {"model": Status}})
 async def livez(state: State) -> JSONResponse:
     """200 while the process serves HTTP; 503 if the model can never become ready (restart it)."""
     if state.failed:
@@ -20,7 +22,7 @@ async def livez(state: State) -> JSONResponse:
     return JSONResponse({"status": "alive"})
 
 
-@router.get("/readyz", response_model=Status, responses={503: {"model": Status}})
+@probes.get("/readyz", response_model=Status, responses={503: {"model": Status}})
 async def readyz(state: State) -> JSONResponse:
     """200 once the model is loaded and every shape bucket is warm; 503 before that and while draining."""
     if state.server_ready:  # with several processes: every one of them
@@ -32,9 +34,10 @@ async def readyz(state: State) -> JSONResponse:
 @router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE: {}}}, **KEYED})
 async def metrics(state: State) -> Response:
     """Prometheus text exposition."""
-    if state.runtime is not None:
-        device = str(state.runtime.device)
-        for kind, value in state.runtime.gpu_memory().items():
+    if state.model is not None:
+        runtime = state.model.runtime
+        device = str(runtime.device)
+        for kind, value in runtime.gpu_memory().items():
             state.metrics.gpu_memory.labels(device, kind).set(value)
     return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
@@ -42,14 +45,15 @@ async def metrics(state: State) -> Response:
 @router.get("/v1/model", response_model=ModelOut, responses={503: {}, **KEYED})
 async def model(state: State) -> JSONResponse:
     """The served artifact: device, sha256, shapes and its metadata.json (calibration scores left out)."""
-    if state.runtime is None:
+    if state.model is None:
         return JSONResponse({"error": {"code": "not_ready", "message": "no model loaded"}}, status_code=503)
-    info = state.runtime.info
-    meta = state.runtime.metadata.to_dict()
+    runtime = state.model.runtime
+    info = runtime.info
+    meta = runtime.metadata.to_dict()
     if isinstance(meta.get("calibration"), dict):
         meta["calibration"] = {k: v for k, v in meta["calibration"].items() if k != "scores"}
     return JSONResponse({
-        "device": str(state.runtime.device), "sha256": info.sha256,
+        "device": str(runtime.device), "sha256": info.sha256,
         "image": {"channels": info.channels, "height": info.height, "width": info.width},
         "latent_dim": info.latent_dim, "score_k": info.score_k, "metadata": meta,
     })

@@ -4,6 +4,8 @@ from typing import Annotated, Any, Dict, List, Literal, Optional
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict
 
+from service.core.editing import MAX_STRENGTHS, STRENGTHS
+
 # Non-finite numbers are refused at parse time (422), so NaN never reaches the model.
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -21,7 +23,7 @@ Integer = BeforeValidator(_json_integer)
 
 FLOAT32_MAX = 3.4028234663852886e38  # np.finfo(np.float32).max
 # A latent coordinate sent to the model: finite in float32, its dtype (a larger JSON number would become inf).
-# How many per vector depends on the loaded model: service.openapi states it in the served document.
+# How many per vector depends on the loaded model: service.api.openapi states it in the served document.
 LatentIn = List[Annotated[float, Strict(), Field(ge=-FLOAT32_MAX, le=FLOAT32_MAX)]]
 # An interpolation end: slerp scales a coordinate by at most 1 / cos(omega / 2) <= 2e6 (latent.interpolate
 # follows the great circle only up to pi - 1e-6), so from ends within 1e30 every frame is finite in float32.
@@ -137,9 +139,7 @@ class Status(BaseModel):
     status: str
 
 
-# -- latent editing (service.editing) ---------------------------------------------------------------------
-STRENGTHS = (-2.0, -1.0, 0.0, 1.0, 2.0)  # the default strengths of an edit, in raw units of the vector
-MAX_STRENGTHS = 16  # strengths per edit request; more get 413
+# -- latent editing (service.core.editing) ---------------------------------------------------------------------
 Strength = Annotated[float, Strict(), Field(ge=-FLOAT32_MAX, le=FLOAT32_MAX)]
 
 

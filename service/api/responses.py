@@ -8,7 +8,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
-from service import codecs
+from service.core import codecs
 
 NPY = "application/x-npy"
 

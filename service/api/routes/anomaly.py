@@ -5,15 +5,16 @@ from typing import Annotated, Literal, Optional
 
 from fastapi import APIRouter, Query, Request
 
-from service.anomaly import score_images
-from service.deps import CALL_HEADERS, Model, client_gone
-from service.errors import RequestTooLarge
-from service.inputs import IMAGE_BODY, read_images
-from service.routes.inference import ERRORS
-from service.responses import JSONResponse
-from service.schemas import AnomalyOut
+from service.api.deps import CALL_HEADERS, Model, client_gone
+from service.api.inputs import IMAGE_BODY, read_images
+from service.api.responses import JSONResponse
+from service.api.routes.inference import ERRORS
+from service.api.routing import ModelRoute
+from service.api.schemas import AnomalyOut
+from service.core.anomaly import score_images
+from service.core.errors import RequestTooLarge
 
-router = APIRouter(tags=["anomaly"], responses=ERRORS)
+router = APIRouter(tags=["anomaly"], responses=ERRORS, route_class=ModelRoute)
 
 
 @router.post("/anomaly-score", response_model=AnomalyOut, openapi_extra=IMAGE_BODY | CALL_HEADERS)
@@ -30,12 +31,12 @@ async def anomaly_score(
                                                       "/v1/model lists the kinds (metadata.scoring.kinds).")] = None,
 ) -> JSONResponse:
     """Images -> per image: the score and its p-value / is_anomaly, NLL (nats, bits/dim) with SE and ESS, ELBO terms."""
-    state, deadline, kinds = call.state, call.deadline, call.state.score_kinds
-    kind = kinds.get(score)  # 422 naming the kinds on offer
-    k = state.runtime.info.score_k if k is None else k
-    if k > state.settings.max_k:
-        raise RequestTooLarge(f"k={k} is over the limit of {state.settings.max_k}")
-    images = await read_images(request, state.image_spec, state.settings.max_rows)
-    rows, summary = await score_images(state, images, kind, k=k, alpha=alpha, tail=tail, deadline=deadline,
-                                       abandoned=client_gone(request))
+    model = call.model
+    kind = model.score_kinds.get(score)  # 422 naming the kinds on offer
+    k = model.info.score_k if k is None else k
+    if k > call.settings.max_k:
+        raise RequestTooLarge(f"k={k} is over the limit of {call.settings.max_k}")
+    images = await read_images(request, model.image_spec, call.settings)
+    rows, summary = await score_images(call.batcher, model, images, kind, k=k, alpha=alpha, tail=tail,
+                                       deadline=call.deadline, abandoned=client_gone(request))
     return JSONResponse({"score": kind.name, "k": k, "scores": rows, "calibration": summary})

@@ -1,5 +1,5 @@
 """What routes receive: the service state and, for model endpoints, the checked call (readiness, deadline).
-The API key is checked before any route, for every path (service.middleware.ApiKeyRequired)."""
+The API key is checked before any route, for every path (service.api.middleware.ApiKeyRequired)."""
 
 import math
 import re
@@ -10,24 +10,19 @@ from typing import Annotated, Optional
 from fastapi import Depends, Request
 from fastapi.exceptions import RequestValidationError
 
-from service.batching import Batcher
-from service.codecs import ImageSpec
 from service.config import Settings
-from service.errors import ModelNotReady
-from service.metrics import Metrics
-from service.processes import processes_ready
-from service.runtime import ModelRuntime
-from service.scoring import ScoreKinds
+from service.core.batching import Batcher
+from service.core.errors import ModelNotReady
+from service.core.metrics import Metrics, processes_ready
+from service.core.served import ServedModel
 
 
 @dataclass
 class ServiceState:
     settings: Settings
     metrics: Metrics
-    runtime: Optional[ModelRuntime] = None
+    model: Optional[ServedModel] = None  # set once loaded; a request reads it once (ModelCall) and keeps it
     batcher: Optional[Batcher] = None
-    score_kinds: Optional[ScoreKinds] = None  # the artifact's anomaly score kinds; built once from its metadata
-    image_spec: Optional[ImageSpec] = None
     warm: bool = False
     failed: Optional[str] = None  # why the model can never become ready (e.g. warm-up crashed)
     draining: bool = False
@@ -53,11 +48,21 @@ async def get_state(request: Request) -> ServiceState:
 
 @dataclass(frozen=True)
 class ModelCall:
-    """What a model endpoint gets once its request may go on: the state, and the monotonic time after
-    which the request's rows are dropped instead of computed."""
+    """What a model endpoint gets once its request may go on: the state, the model that answers it (read once,
+    so one model answers the whole request), and the monotonic time after which the request's rows are dropped
+    instead of computed."""
 
     state: ServiceState
+    model: ServedModel
     deadline: float
+
+    @property
+    def settings(self) -> Settings:
+        return self.state.settings
+
+    @property
+    def batcher(self) -> Batcher:
+        return self.state.batcher
 
 
 # X-Request-Timeout's range. Below a millisecond a deadline has passed before the body is read: the request
@@ -90,7 +95,7 @@ async def model_call(request: Request) -> ModelCall:
     header = request.headers.get("x-request-timeout")
     if header is not None:
         timeout = min(timeout, _request_timeout(header))
-    return ModelCall(state, time.monotonic() + timeout)
+    return ModelCall(state, state.model, time.monotonic() + timeout)
 
 
 def _request_timeout(value: str) -> float:

@@ -27,7 +27,7 @@ from typing import Awaitable, Callable, Deque, Dict, Hashable, List, Optional, P
 
 import numpy as np
 
-from service.metrics import Metrics
+from service.core.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ Outputs = Dict[str, np.ndarray]
 
 
 class Runner(Protocol):
-    """What the batcher drives (``service.runtime.ModelRuntime``): a kernel on rows, and each call's row limit."""
+    """What the batcher drives (``service.core.runtime.ModelRuntime``): a kernel on rows, and each call's row limit."""
 
     def run(self, kernel: str, rows: np.ndarray, params: Hashable) -> Outputs: ...
 

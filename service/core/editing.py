@@ -15,12 +15,13 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from service import codecs
-from service.codecs import InvalidInput
-from service.errors import RequestTooLarge
-from service.schemas import MAX_STRENGTHS
+from service.core import codecs
+from service.core.errors import InvalidInput, RequestTooLarge
 from vae_artifact import directions as contract
 from vae_artifact.directions import DirectionsSection
+
+STRENGTHS = (-2.0, -1.0, 0.0, 1.0, 2.0)  # the default strengths of an edit, in raw units of the vector
+MAX_STRENGTHS = 16  # strengths per edit request; more get 413
 
 
 class UnknownDirection(InvalidInput):

@@ -1,7 +1,7 @@
 """One server process: load and check the artifact, build the app, serve with uvicorn, drain on SIGTERM.
 
 ``python -m service`` runs it in its own process when it serves with one process, and in each child of the
-supervisor (``service.processes``) otherwise, on the socket the supervisor bound.
+supervisor (``service.supervisor``) otherwise, on the socket the supervisor bound.
 """
 
 import logging
@@ -14,8 +14,8 @@ import uvicorn
 
 from service.app import create_app
 from service.config import Settings
-from service.processes import REFUSED
-from service.runtime import ArtifactError, ModelRuntime
+from service.core.errors import REFUSED
+from service.core.runtime import ArtifactError, ModelRuntime
 
 log = logging.getLogger("service")
 

@@ -1,8 +1,8 @@
 """The page at ``/``: a look at the model in a browser (model card, reconstructions and anomaly scores of uploaded
 images, samples, interpolations, edits), served by the service itself.
 
-Three static files shipped in the package (``service/ui/``, package data): no CDN, no build step. They are the
-only paths besides the probes that need no API key (``PATHS``, opened by ``ApiKeyRequired``): the page holds
+Three static files shipped in the package (``service/api/ui/``, package data): no CDN, no build step. They are
+the only paths besides the probes that need no API key (their routes are ``PageRoute``s): the page holds
 nothing secret and asks for the key itself, then sends it as ``X-API-Key`` on every fetch of our endpoints.
 ``VAE_UI=false`` leaves this router out, and the paths closed.
 """
@@ -13,12 +13,13 @@ from importlib import resources
 from fastapi import APIRouter
 from starlette.responses import Response
 
-ASSETS = {  # path -> (file in service/ui/, media type)
+from service.api.routing import PageRoute
+
+ASSETS = {  # path -> (file in service/api/ui/, media type)
     "/": ("index.html", "text/html; charset=utf-8"),
     "/ui/app.js": ("app.js", "text/javascript; charset=utf-8"),
     "/ui/style.css": ("style.css", "text/css; charset=utf-8"),
 }
-PATHS = frozenset(ASSETS)
 
 # The page loads only its own script and stylesheet, shows images from data: and blob: URLs (the service's
 # base64 PNGs, the user's own files before upload), and talks only to this origin. No inline script or style is
@@ -31,13 +32,13 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-cache",  # revalidate: a new version of the service serves its own page at once
 }
 
-router = APIRouter(include_in_schema=False)  # not part of the API: the page is for people, not clients
+router = APIRouter(include_in_schema=False, route_class=PageRoute)  # not part of the API: the page is for people, not clients
 
 
 @lru_cache(maxsize=None)
 def _read(name: str) -> bytes:
     # Read on first request, not at import: the files come from the installed package (a wheel or the tree).
-    return resources.files("service").joinpath("ui", name).read_bytes()
+    return resources.files("service.api").joinpath("ui", name).read_bytes()
 
 
 def _serve(path: str) -> Response:

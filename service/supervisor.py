@@ -28,39 +28,11 @@ import time
 from pathlib import Path
 from typing import Callable, List
 
+from service.core.errors import REFUSED
+
 log = logging.getLogger(__name__)
 
-READY_GAUGE = "vae_process_ready"  # per process (multiprocess_mode liveall): 1 when that process is ready
-REFUSED = 2  # a child's exit status when the artifact or the settings cannot be served
 RESPAWN_DELAY_S = 0.5  # between a process's death and its replacement
-
-
-def processes_ready(expected: int, metrics_dir: Path) -> bool:
-    """Whether ``expected`` live processes each report ready, from the multiprocess metric files."""
-    from prometheus_client import CollectorRegistry
-    from prometheus_client.multiprocess import MultiProcessCollector
-
-    registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=str(metrics_dir))
-    ready = sum(1 for metric in registry.collect() if metric.name == READY_GAUGE
-                for sample in metric.samples if sample.value == 1 and _alive(int(sample.labels["pid"])))
-    return ready >= expected
-
-
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` runs: a process killed a moment ago keeps its files (and, until the supervisor reaps
-    it, its process table entry as a zombie) for up to one supervisor poll."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    except OSError:  # no procfs: ask the kernel whether the pid exists
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")  # state, after the command name
 
 
 class Supervisor:
@@ -127,12 +99,12 @@ class Supervisor:
 
 
 def serve_child(settings, sock: socket.socket) -> None:
-    """A supervisor's child: one server process (``service.serve``) on the shared socket; its exit status is
+    """A supervisor's child: one server process (``service.server``) on the shared socket; its exit status is
     serve's. Imported here, in the child, so the supervisor never loads torch or the app."""
     import sys
 
     _die_with_parent()
-    from service.serve import serve
+    from service.server import serve
 
     sys.exit(serve(settings, sock))
 
@@ -152,19 +124,6 @@ def _die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def default_processes(device: str, cpus: int) -> int:
-    """One per usable core on CPU (up to 8); one on a GPU, where one process batches for the whole device."""
-    if device.startswith("cuda") or (device == "auto" and Path("/dev/nvidiactl").exists() and _cuda()):
-        return 1
-    return max(1, min(8, cpus))
-
-
-def _cuda() -> bool:
-    import torch  # only on a host with an NVIDIA driver: the supervisor itself otherwise never loads torch
-
-    return torch.cuda.is_available()
-
-
 def bind(host: str, port: int) -> socket.socket:
     """The one listening socket every server process accepts on (as uvicorn binds it for its workers)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -176,4 +135,4 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-__all__ = ["READY_GAUGE", "REFUSED", "Supervisor", "bind", "default_processes", "processes_ready", "serve_child"]
+__all__ = ["Supervisor", "bind", "serve_child"]

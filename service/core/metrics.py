@@ -2,12 +2,13 @@
 
 Names and labels are a contract with deploy/ (dashboards and alert rules); change them together.
 
-With several server processes (``service.processes``) every process writes its values to files in
+With several server processes (``service.supervisor``) every process writes its values to files in
 ``multiprocess_dir`` (prometheus-client's multiprocess mode) and a scrape of any process renders all of them:
 counters and histograms summed, queue gauges summed over live processes, ``vae_ready`` the minimum over live
 processes (ready only if every one is), and ``vae_process_ready`` one sample per process (``pid`` label).
 """
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -15,8 +16,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from service.processes import READY_GAUGE
 
+READY_GAUGE = "vae_process_ready"  # per process (multiprocess_mode liveall): 1 when that process is ready
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 REJECTION_REASONS = ("queue_full", "overloaded", "deadline", "disconnected", "too_large", "unauthorized")
@@ -28,13 +29,15 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         self.multiprocess_dir = multiprocess_dir
         r = self.registry
+        # role: what the endpoint's route says it is (model, probe, page, other), so alerts and dashboards
+        # select the model endpoints without listing them.
         self.requests = Counter(
-            "vae_requests", "HTTP requests by endpoint and status.", ["endpoint", "status"], registry=r
+            "vae_requests", "HTTP requests by endpoint and status.", ["endpoint", "status", "role"], registry=r
         )
         self.request_seconds = Histogram(
             "vae_request_duration_seconds",
             "HTTP request latency by endpoint and status.",
-            ["endpoint", "status"],
+            ["endpoint", "status", "role"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -82,3 +85,28 @@ class Metrics:
         registry = CollectorRegistry()  # every process's values, read from their files at each scrape
         MultiProcessCollector(registry, path=str(self.multiprocess_dir))
         return generate_latest(registry)
+
+
+def processes_ready(expected: int, metrics_dir: Path) -> bool:
+    """Whether ``expected`` live processes each report ready, from the multiprocess metric files."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(metrics_dir))
+    ready = sum(1 for metric in registry.collect() if metric.name == READY_GAUGE
+                for sample in metric.samples if sample.value == 1 and _alive(int(sample.labels["pid"])))
+    return ready >= expected
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs: a process killed a moment ago keeps its files (and, until the supervisor reaps
+    it, its process table entry as a zombie) for up to one supervisor poll."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    except OSError:  # no procfs: ask the kernel whether the pid exists
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")  # state, after the command name

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from service.codecs import InvalidInput
+from service.core.codecs import InvalidInput
 from vae_artifact import complexity
 from vae_artifact.combination import Combination
 from vae_artifact.calibration import Calibration, importance_stats

@@ -1,10 +1,10 @@
-"""Domain errors of the service core and the one place that maps every error to an HTTP response.
+"""The one place that maps every error to an HTTP response.
 
-Core modules raise these (or the codecs' ``InvalidInput``, the batcher's ``QueueFull`` ...) and never
-build HTTP responses; ``install_handlers`` turns each into ``{"error": {"code", "message"}}`` with the
-right status, so a client never sees a 500 for bad input and never a stack trace. Under ``/v2`` (the Open
-Inference Protocol, ``service.routes.v2``) the body is the protocol's ``{"error": "<message>"}`` and a 422 is
-its 400: the same errors, said the way KServe and Triton clients read them.
+Core modules raise domain errors (``service.core.errors``, the batcher's ``QueueFull`` ...) and never build
+HTTP responses; ``install_handlers`` turns each into ``{"error": {"code", "message"}}`` with the right status,
+so a client never sees a 500 for bad input and never a stack trace. Under ``/v2`` (the Open Inference
+Protocol, ``service.oip``) the body is the protocol's ``{"error": "<message>"}`` and a 422 is its 400: the
+same errors, said the way KServe and Triton clients read them.
 """
 
 import logging
@@ -12,43 +12,14 @@ import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from service.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.batching import Abandoned, BatchFailed, BatcherStopped, DeadlineExceeded, QueueFull
-from service.codecs import InvalidInput
+from service.api.responses import JSONResponse
+from service.core.batching import Abandoned, BatchFailed, BatcherStopped, DeadlineExceeded, QueueFull
+from service.core.errors import (InvalidInput, InvalidTensor, MalformedBody, ModelNotReady, RequestTooLarge,
+                                 UnknownModel, UnsupportedMediaType)
 
 log = logging.getLogger(__name__)
-
-
-class ModelNotReady(Exception):
-    """The model is still loading or warming up, or the service is draining."""
-
-
-class UnsupportedMediaType(InvalidInput):
-    code = "unsupported_media_type"
-
-
-class RequestTooLarge(InvalidInput):
-    """Too many bytes, rows, samples or steps in one request."""
-
-    code = "too_large"
-
-
-class MalformedBody(InvalidInput):
-    """The body's framing is broken (e.g. multipart without a boundary), before any content is looked at."""
-
-    code = "bad_request"
-
-
-class InvalidTensor(InvalidInput):
-    """An Open Inference Protocol tensor that does not fit: datatype, shape, byte count, values, outputs."""
-
-    code = "invalid_tensor"
-
-
-class UnknownModel(LookupError):
-    """An Open Inference Protocol model name (or version) this server does not serve."""
 
 
 def error_response(status: int, code: str, message: str, headers: dict = None, error_id: str = None,
