@@ -4,7 +4,8 @@ rebuild the full layout, and the CLI picks lean for 28x28 / 32x32 images."""
 import pytest
 import torch
 
-from training.__main__ import architecture, parse_args
+from training.cli.train import parse_args
+from training.pipeline import architecture
 from training.model import VAE, VAEConfig, num_parameters
 
 

@@ -11,7 +11,8 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from training.data import to_8bit
-from training.directions import directions_section, main as directions_cli, pixel_statistics, quartiles
+from training.cli.directions import main as directions_cli
+from training.directions import directions_section, pixel_statistics, quartiles
 from vae_artifact import directions as contract
 from vae_artifact.directions import DirectionsSection
 from vae_artifact.errors import ArtifactError

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from training import calibration, ood
+from training.cli.ood import main as ood_cli
 from training.data import load_dataset, to_8bit
 from training.model import VAE, VAEConfig
 from vae_artifact import complexity
@@ -124,7 +125,7 @@ def test_artifact_holds_every_kind_calibrated_on_the_calib_split(digits_artifact
 def test_calibrate_recomputes_the_same_scores_from_the_scripted_artifact(digits_artifact, tmp_path):
     """Calibration at training time (eager model) == recalibration from the saved artifact (TorchScript)."""
     out = tmp_path / "recalibrated.ts"
-    assert ood.main(["calibrate", "--model", str(digits_artifact), "--out", str(out)]) == 0
+    assert ood_cli(["calibrate", "--model", str(digits_artifact), "--out", str(out)]) == 0
     before, after = load_artifact(digits_artifact)[1].to_dict(), load_artifact(out)[1].to_dict()
     references = {}
     for meta in (before, after):  # a combined kind's reference values are model scores too: compared below
@@ -142,7 +143,7 @@ def test_calibrate_recomputes_the_same_scores_from_the_scripted_artifact(digits_
 
 def test_evaluate_command_reports_every_kind_and_baseline(digits_artifact, tmp_path, capsys):
     out = tmp_path / "ood.json"
-    assert ood.main(["evaluate", "--model", str(digits_artifact), "--normal", "digits", "--holdout-class", "3",
+    assert ood_cli(["evaluate", "--model", str(digits_artifact), "--normal", "digits", "--holdout-class", "3",
                      "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert set(result["kinds"]) == set(calibration.KINDS) and set(result["baselines"]) == {"size-png", "size-zlib", "size-bz2"}
@@ -171,10 +172,9 @@ def write_idx(directory: Path, prefix: str, images: np.ndarray, labels: np.ndarr
 
 
 def test_both_protocols_in_one_table(digits_artifact, tmp_path, capsys):
-    """``python -m training.evaluate ood`` with a model given for each protocol (no training): IDX sources shaped
-    like MNIST and Fashion-MNIST (here 8x8 digits), every kind and baseline per protocol, the held-out mean."""
-    from training import evaluate
-
+    """``python -m training ood protocols`` with a model given for each protocol (no training): IDX sources
+    shaped like MNIST and Fashion-MNIST (here 8x8 digits), every kind and baseline per protocol, the held-out
+    mean."""
     digits = load_dataset("digits", seed=0)
     images = to_8bit(np.concatenate([digits.train.images, digits.val.images, digits.test.images]), digits.levels)
     labels = np.concatenate([digits.train.labels, digits.val.labels, digits.test.labels])
@@ -182,9 +182,9 @@ def test_both_protocols_in_one_table(digits_artifact, tmp_path, capsys):
         keep = labels >= lo
         write_idx(tmp_path / "data" / name, "train", images[keep][:600, 0], labels[keep][:600])
         write_idx(tmp_path / "data" / name, "t10k", images[keep][600:, 0], labels[keep][600:])
-    argv = ["ood", "--data-dir", str(tmp_path / "data"), "--holdout-classes", "1,3", "--work", str(tmp_path / "w"),
+    argv = ["protocols", "--data-dir", str(tmp_path / "data"), "--holdout-classes", "1,3", "--work", str(tmp_path / "w"),
             "--limit", "150"] + [f"--model={p}={digits_artifact}" for p in ("fashion", "mnist-no1", "mnist-no3")]
-    assert evaluate.main(argv) == 0
+    assert ood_cli(argv) == 0
     summary = json.loads((tmp_path / "w" / "ood.json").read_text())
     assert list(summary["protocols"]) == ["fashion", "mnist-no1", "mnist-no3"]
     for result in summary["protocols"].values():
@@ -197,4 +197,3 @@ def test_both_protocols_in_one_table(digits_artifact, tmp_path, capsys):
     assert mean["auroc"] == pytest.approx((no1[calibration.DEFAULT_KIND]["auroc"] + no3[calibration.DEFAULT_KIND]["auroc"]) / 2)
     printed = capsys.readouterr().out
     assert f"{calibration.DEFAULT_KIND} (default)" in printed and "held-out mean" in printed and "size-bz2 (no model)" in printed
-    assert evaluate.main(["train"]) == 2  # only the ood command

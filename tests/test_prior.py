@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from training import evaluate, export, priors
-from training.__main__ import parse_args
+from training.cli.train import parse_args
 from training.data import to_float
 from training.model import VAE, VAEConfig
 from vae_artifact.errors import ArtifactError

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.__main__ import main as train
+from training.cli import main as train
 from training import ood
 from training.calibration import recalibrate
 from training.recipe import recorded_dataset
@@ -98,8 +98,8 @@ def test_ood_evaluation_gives_the_model_images_in_its_own_shape(tmp_path, capsys
     """A model trained on digits at --image-size 12 (8x8 natively) is evaluated on digits resized the same way."""
     model = trained(tmp_path, "--image-size", "12")
     command = ["evaluate", "--model", str(model), "--normal", "digits", "--holdout-class", "1"]
-    normal, held_out = ood._test_sets(ood.parse_args(command), load_artifact(model)[1])
+    normal, held_out = ood.test_sets(load_artifact(model)[1], "digits", holdout_class=1)
     test = load_dataset("digits", seed=0, image_size=12).test
     assert normal.shape[1:] == held_out.shape[1:] == (1, 12, 12)
     assert len(held_out) == (test.labels == 1).sum() and len(normal) + len(held_out) == len(test)
-    assert ood.main(command) == 0 and "AUROC" in capsys.readouterr().out
+    assert train(["ood", *command]) == 0 and "AUROC" in capsys.readouterr().out

@@ -7,7 +7,8 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from training import data, trainer
-from training.__main__ import main, parse_args
+from training.cli import main
+from training.cli.train import parse_args
 from training.data import Split, make_loader
 from training.distributed import DistContext
 from training.model import VAE, VAEConfig

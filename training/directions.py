@@ -1,7 +1,7 @@
 """Latent directions for attribute edits: computed when training writes the artifact, or added to one later.
 
-    python -m training.directions add --model runs/digits/vae.ts --name thick --positive thick/ --negative thin/
-    python -m training.directions list --model runs/digits/vae.ts
+    python -m training directions add --model runs/digits/vae.ts --name thick --positive thick/ --negative thin/
+    python -m training directions list --model runs/digits/vae.ts
 
 At training time (``directions_section``), from the posterior means of the train split as served (8-bit
 images, x = u / 255, the serving module's ``encode``), each checked on the test split:
@@ -189,37 +189,7 @@ def add_direction(model: Path, name: str, positive: Path, negative: Path, *, des
     return direction
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m training.directions", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-    add = sub.add_parser("add", help="add a named direction from example folders (metadata only)",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add.add_argument("--model", type=Path, required=True, help="artifact (vae.ts)")
-    add.add_argument("--name", required=True, help="the direction's name, e.g. thick-strokes")
-    add.add_argument("--positive", type=Path, required=True, help="folder of images with the attribute")
-    add.add_argument("--negative", type=Path, required=True, help="folder of images without it")
-    add.add_argument("--description", default="", help="one line (default: '<positive> minus <negative>')")
-    add.add_argument("--out", type=Path, default=None, help="write here instead of rewriting --model in place")
-    add.add_argument("--replace", action="store_true", help="overwrite a direction of the same name")
-    show = sub.add_parser("list", help="the artifact's directions (name, kind, n_pos, n_neg, norm, AUROC)")
-    show.add_argument("--model", type=Path, required=True, help="artifact (vae.ts)")
-    return p.parse_args(argv)
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
-    if args.command == "add":
-        direction = add_direction(args.model, args.name, args.positive, args.negative,
-                                  description=args.description, out=args.out, replace=args.replace)
-        print(json.dumps(direction.to_dict(vector=False)))
-        return 0
-    from vae_artifact.metadata import read_metadata
-
-    for direction in read_metadata(args.model).directions:
-        print(json.dumps(direction.to_dict(vector=False)))
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    from training.aliases import forward
+
+    forward("training.directions", ["directions"], sys.argv[1:])

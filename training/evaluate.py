@@ -164,6 +164,54 @@ def test_metrics(vae: VAE, x: Tensor, device: torch.device, *, k: int, seed: int
 
 
 @torch.inference_mode()
+def artifact_metrics(module, x: Tensor, *, k: int, num_dims: int, seed: int = 0, n: Optional[int] = None,
+                     batch_size: int = 256, max_rows: int = MAX_ROWS, progress: bool = False) -> Dict[str, float]:
+    """``test_metrics`` of a written artifact, through its own ``encode`` and ``score`` (what is served): the
+    same test subset, the same noise drawn in the same order, so a freshly exported artifact reproduces the
+    numbers training recorded (to float rounding). K is drawn in chunks and merged like ``importance_weighted``.
+    """
+    total = int(x.shape[0])
+    subset = test_subset(total, n, seed)
+    if subset is not None:
+        x = x[torch.from_numpy(subset)]
+    device = torch.device("cpu")  # where load_artifact puts a module by default
+    gen = torch.Generator(device).manual_seed(seed)
+    iw_ll, elbo, mus = [], [], []
+    bar = tqdm(total=int(x.shape[0]), desc=f"test IW-NLL (K={k})", unit="img", leave=False, disable=not progress,
+               dynamic_ncols=True)
+    with bar:
+        for xb in _batches(x, batch_size):
+            xb = xb.to(device)
+            b = xb.shape[0]
+            mu, _ = module.encode(xb)
+            d = mu.shape[1]
+            chunk = max(1, max_rows // b)
+            running = torch.full((b,), -math.inf, dtype=torch.float64, device=device)
+            elbo_sum = torch.zeros(b, dtype=torch.float64, device=device)
+            for start in range(0, k, chunk):
+                k_c = min(chunk, k - start)
+                eps = torch.randn(k_c, b, d, generator=gen, device=device)
+                _, elbo_c, _, _, log_w = module.score(xb, eps)  # log_w (k_c, B)
+                running = torch.logaddexp(running, torch.logsumexp(log_w.double(), dim=0))
+                elbo_sum += k_c * elbo_c.double()  # each chunk's ELBO is a mean over its own samples
+            iw_ll.append((running - math.log(k)).cpu())
+            elbo.append((elbo_sum / k).cpu())
+            mus.append(mu.cpu())
+            bar.update(b)
+    nll_mean, nll_se = _mean_se(-torch.cat(iw_ll).numpy())
+    elbo_mean, elbo_se = _mean_se(torch.cat(elbo).numpy())
+    mu_all = torch.cat(mus)
+    return {
+        "test_elbo_nats": elbo_mean, "test_elbo_se": elbo_se, "iw_nll_nats": nll_mean, "iw_nll_se": nll_se,
+        "iw_k": k, "elbo_bits_per_dim": objectives.bits_per_dim(-elbo_mean, num_dims),
+        "iw_nll_bits_per_dim": objectives.bits_per_dim(nll_mean, num_dims),
+        "iw_nll_bits_per_dim_se": objectives.bits_per_dim(nll_se, num_dims),
+        "active_units": active_units(mu_all), "latent_dim": int(mu_all.shape[1]), "n_test": int(x.shape[0]),
+        "n_test_total": total, "test_subset": "all" if subset is None else f"uniform random, seed {seed}",
+    }
+
+
+@torch.inference_mode()
 def posterior_means(vae: VAE, x: Tensor, device: torch.device, batch_size: int = 1024) -> Tensor:
     """E_q[z|x] for every image, (N, D) on the CPU."""
     with _EvalMode(vae):
@@ -190,18 +238,7 @@ def calibration_scores(vae: VAE, x: Tensor, device: torch.device, *, k: int, noi
     return sorted(anomaly_scores(vae, x, device, k=k, noise_seed=noise_seed))
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    """``python -m training.evaluate ood [...]``: both out-of-distribution protocols in one table
-    (``training.ood_protocols``; one model alone: ``python -m training.ood evaluate``)."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] != "ood":
-        print("usage: python -m training.evaluate ood [options]  (see python -m training.evaluate ood --help)",
-              file=sys.stderr)
-        return 2
-    from training import ood_protocols  # sklearn and the data loaders load only for this command
+if __name__ == "__main__":  # python -m training.evaluate ood: now python -m training ood protocols
+    from training.aliases import forward
 
-    return ood_protocols.main(argv[1:])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    forward("training.evaluate ood", ["ood", "protocols"], sys.argv[2:] if sys.argv[1:2] == ["ood"] else sys.argv[1:])

@@ -3,32 +3,20 @@
 Every score kind of the artifact (``training.calibration``) and every model-free baseline on one table: AUROC,
 AUPRC, FPR at 95% TPR, and, with the artifact's own calibration, the false-positive rate at alpha on fresh
 normal images. The evaluation loads the written artifact and calls its ``score``, so it measures what is served.
-
-    python -m training.ood evaluate --model runs/fashion/vae.ts --normal idx:DATA/fashion-mnist --ood idx:DATA/mnist
-    python -m training.evaluate ood   # both protocols, every kind and baseline in one table (training.ood_protocols)
-    python -m training.ood evaluate --model runs/mnist-no3/vae.ts --normal idx:DATA/mnist --holdout-class 3
-    python -m training.ood calibrate --model M.ts   # recompute the calibration from the recorded calib split
-    python -m training.ood calibrate --model OLD.ts --assume-training-defaults   # artifacts before the data recipe
-    python -m training.ood sweep-k --model runs/fashion/vae.ts --normal idx:... --ood idx:...  # SE and cost vs K
+``python -m training ood`` is its command line; ``training.protocols`` runs it on whole protocols.
 """
 
-import argparse
-import json
-import math
 import sys
 import time
-from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 
 from training.calibration import (NeighboursFn, ScoreFn, artifact_combinations, artifact_neighbours, kind_scores,
-                                  model_scores, recalibrate)
+                                  model_scores)
 from training.data import load_dataset, to_8bit
 from vae_artifact import complexity
 from vae_artifact.calibration import Calibration
-from vae_artifact.io import load_artifact
 from vae_artifact.metadata import Metadata
 
 ALPHAS = (0.01, 0.05)
@@ -107,130 +95,59 @@ def format_table(result: Dict) -> str:
     return "\n".join(lines)
 
 
-def _test_sets(args: argparse.Namespace, meta: Metadata) -> Tuple[np.ndarray, np.ndarray]:
+def test_sets(meta: Metadata, normal: str, ood: Optional[str] = None, holdout_class: Optional[int] = None,
+              limit: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
     """(normal, OOD) test images as the 8-bit images a client would send, in the model's shape: converted and
-    resized as training converted its own data (an artifact trained with --image-size or --channels)."""
+    resized as training converted its own data (an artifact trained with --image-size or --channels). The OOD
+    images are ``ood``'s test split, or ``normal``'s test images of ``holdout_class``; the first ``limit`` of each."""
     image = meta.image
     shape = dict(channels=image.channels, image_size=image.height if image.height == image.width else None)
-    ds = load_dataset(args.normal, seed=0, **shape)
-    normal = to_8bit(ds.test.images, ds.levels)
-    if args.holdout_class is not None:  # one source: its test images of class C are the OOD ones
-        is_ood = ds.test.labels == args.holdout_class
+    ds = load_dataset(normal, seed=0, **shape)
+    normal_images = to_8bit(ds.test.images, ds.levels)
+    if holdout_class is not None:  # one source: its test images of class C are the OOD ones
+        is_ood = ds.test.labels == holdout_class
         if not is_ood.any():
-            raise SystemExit(f"no test images of class {args.holdout_class} in {args.normal}")
-        normal, ood = normal[~is_ood], normal[is_ood]
+            raise SystemExit(f"no test images of class {holdout_class} in {normal}")
+        normal_images, ood_images = normal_images[~is_ood], normal_images[is_ood]
     else:
-        other = load_dataset(args.ood, seed=0, **shape)
-        ood = to_8bit(other.test.images, other.levels)
-        if ood.shape[1:] != normal.shape[1:]:
-            raise SystemExit(f"--ood images are {ood.shape[1:]}, --normal images {normal.shape[1:]}")
-    return (normal[: args.limit], ood[: args.limit]) if args.limit else (normal, ood)
+        other = load_dataset(ood, seed=0, **shape)
+        ood_images = to_8bit(other.test.images, other.levels)
+        if ood_images.shape[1:] != normal_images.shape[1:]:
+            raise SystemExit(f"--ood images are {ood_images.shape[1:]}, --normal images {normal_images.shape[1:]}")
+    return (normal_images[:limit], ood_images[:limit]) if limit else (normal_images, ood_images)
 
 
-def cmd_evaluate(args: argparse.Namespace) -> Dict:
-    module, meta = load_artifact(args.model)
-    classes = (meta.document.get("data") or {}).get("classes")
-    if args.holdout_class is not None and classes is not None and args.holdout_class in classes:
-        print(f"warning: {args.model} was trained on class {args.holdout_class}", file=sys.stderr)
-    normal, ood = _test_sets(args, meta)
-    result = evaluate_artifact(module.score, meta, normal, ood, artifact_neighbours(module, meta))
-    result.update(model=str(args.model), normal=args.normal, ood=args.ood, holdout_class=args.holdout_class)
-    print(format_table(result))
-    return result
-
-
-def cmd_calibrate(args: argparse.Namespace) -> Dict:
-    """Recompute every kind's calibration of an artifact from its own calib split and rewrite its metadata."""
-    calibration = recalibrate(args.model, out=args.out, data=args.data, k=args.k,
-                              assume_defaults=args.assume_training_defaults, latent_bank=args.latent_bank)
-    print(f"{args.out or args.model}: calibrated {list(calibration['scores'])} on n={calibration['n']} "
-          f"with K={calibration['k']}")
-    return calibration
-
-
-def cmd_sweep_k(args: argparse.Namespace) -> Dict:
-    """The measurements behind DEFAULT_K, per K: the NLL estimate's real spread (per-image standard deviation
-    over ``--repeats`` noise seeds), its delta-method SE and ESS, its mean (the bound tightens with K), the
-    cost, and AUROC of ``nll`` and the default kind against the OOD set (noise seed 0, as served)."""
-    module, meta = load_artifact(args.model)
-    normal, ood = _test_sets(args, meta)
+def sweep_k(module, meta: Metadata, normal: np.ndarray, ood: np.ndarray, ks: Sequence[int], *, repeats: int,
+            repeat_images: int) -> Iterator[Tuple[int, Dict]]:
+    """The measurements behind DEFAULT_K, per K: the NLL estimate's real spread (per-image standard deviation over
+    ``repeats`` noise seeds on the first ``repeat_images`` normal images), its delta-method SE and ESS, its mean (the
+    bound tightens with K), the cost, and AUROC of ``nll`` and the default kind against the OOD set (noise seed 0,
+    as served). Yields (K, row) as each K is done."""
     latent_dim, levels = meta.latent_dim, meta.levels
     combinations = artifact_combinations(meta.to_dict()["scoring"]["kinds"])
     neighbours = artifact_neighbours(module, meta)
     default = meta.scoring.default
-    few = normal[: args.repeat_images]
-    rows = {}
-    print(f"{'K':>5s} {'NLL':>9s} {'seed sd':>8s} {'SE mean':>8s} {'ESS':>6s} {'ms/img':>7s} {'cpu ms':>7s} "
-          f"{'AUROC nll':>9s} {'AUROC ' + default:>20s}")
-    for k in args.ks:
+    few = normal[:repeat_images]
+    for k in ks:
         started, cpu_started = time.perf_counter(), time.process_time()  # CPU time: less at the mercy of a busy host
         out_n = model_scores(module.score, normal, k=k, noise_seed=0, latent_dim=latent_dim, neighbours=neighbours)
         ms = 1000 * (time.perf_counter() - started) / len(normal)
         cpu_ms = 1000 * (time.process_time() - cpu_started) / len(normal)
         out_o = model_scores(module.score, ood, k=k, noise_seed=0, latent_dim=latent_dim, neighbours=neighbours)
         reps = np.stack([model_scores(module.score, few, k=k, noise_seed=seed, latent_dim=latent_dim)["nll"]
-                         for seed in range(args.repeats)])  # (R, n)
+                         for seed in range(repeats)])  # (R, n)
         # A combined kind keeps the references fitted at the artifact's K: an AUROC only, no p-values, at other K.
         s_n, s_o = (kind_scores(o["nll"], x, levels, combinations=combinations, elbo=o["elbo"],
                                 latent_nn=o.get("latent_nn"))[0]
                     for o, x in ((out_n, normal), (out_o, ood)))
-        rows[k] = {"nll": float(reps.mean()), "seed_sd": float(reps.std(axis=0, ddof=1).mean()),
-                   "se_mean": float(np.mean(out_n["se"])) if k > 1 else None, "ess": float(out_n["ess"].mean()),
-                   "ms_per_image": ms, "cpu_ms_per_image": cpu_ms,
-                   "auroc_nll": detection_metrics(s_n["nll"], s_o["nll"])["auroc"],
-                   "auroc_default": detection_metrics(s_n[default], s_o[default])["auroc"]}
-        r = rows[k]
-        print(f"{k:5d} {r['nll']:9.2f} {r['seed_sd']:8.3f} {r['se_mean'] or math.nan:8.3f} {r['ess']:6.2f} "
-              f"{ms:7.2f} {cpu_ms:7.2f} {r['auroc_nll']:9.4f} {r['auroc_default']:20.4f}", flush=True)
-    return {"model": str(args.model), "n_normal": len(normal), "n_ood": len(ood), "repeats": args.repeats,
-            "repeat_images": len(few), "threads": torch.get_num_threads(), "rows": rows}
-
-
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m training.ood", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-    for name, help_ in (("evaluate", "AUROC / AUPRC / FPR95 and FPR at alpha for every score kind and baseline"),
-                        ("sweep-k", "NLL standard error, ESS, cost and AUROC for several K")):
-        c = sub.add_parser(name, help=help_, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        c.add_argument("--model", type=Path, required=True, help="artifact (vae.ts)")
-        c.add_argument("--normal", required=True, help="data spec of the training distribution; its test split")
-        group = c.add_mutually_exclusive_group(required=True)
-        group.add_argument("--ood", help="data spec whose test split is out-of-distribution")
-        group.add_argument("--holdout-class", type=int, help="the --normal test images of this class are the OOD ones")
-        c.add_argument("--limit", type=int, default=None, help="first N images of each test set")
-        c.add_argument("--json", type=Path, default=None, help="also write the results here")
-        if name == "sweep-k":
-            c.add_argument("--ks", type=lambda t: [int(v) for v in t.split(",")], default=[1, 4, 16, 32, 64, 128])
-            c.add_argument("--repeats", type=int, default=4, help="noise seeds for the estimator's spread")
-            c.add_argument("--repeat-images", type=int, default=100, help="normal images scored with every seed")
-    c = sub.add_parser("calibrate", help="(re)compute every kind's calibration scores into an artifact")
-    c.add_argument("--model", type=Path, required=True)
-    c.add_argument("--data", default=None, help="the same data at another location (default: the artifact's "
-                                                "data.name); refused unless it rebuilds the recorded calib split")
-    c.add_argument("--assume-training-defaults", action="store_true",
-                   help="for artifacts that predate the recorded data recipe: assume the training CLI's defaults "
-                        "(--val-fraction, --image-size, --channels) for what the recipe lacks; the recorded split "
-                        "sizes and image shape are still checked")
-    c.add_argument("--k", type=int, default=None, help="importance samples (default: the artifact's scoring.k)")
-    c.add_argument("--latent-bank", type=int, default=None, metavar="N",
-                   help="an artifact without a latent bank: export it again with one of N training images (its "
-                        "recorded train split; same weights), so that it offers the fisher-bz2-nn kind")
-    c.add_argument("--out", type=Path, default=None, help="write here instead of rewriting --model in place")
-    return p.parse_args(argv)
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
-    started = time.perf_counter()
-    result = {"evaluate": cmd_evaluate, "sweep-k": cmd_sweep_k, "calibrate": cmd_calibrate}[args.command](args)
-    print(f"wall time {time.perf_counter() - started:.1f}s ({torch.get_num_threads()} torch threads)")
-    if getattr(args, "json", None):
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        result["wall_s"] = time.perf_counter() - started
-        args.json.write_text(json.dumps(result, indent=1))
-    return 0
+        yield k, {"nll": float(reps.mean()), "seed_sd": float(reps.std(axis=0, ddof=1).mean()),
+                  "se_mean": float(np.mean(out_n["se"])) if k > 1 else None, "ess": float(out_n["ess"].mean()),
+                  "ms_per_image": ms, "cpu_ms_per_image": cpu_ms,
+                  "auroc_nll": detection_metrics(s_n["nll"], s_o["nll"])["auroc"],
+                  "auroc_default": detection_metrics(s_n[default], s_o[default])["auroc"]}
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from training.aliases import forward
+
+    forward("training.ood", ["ood"], sys.argv[1:])

@@ -1,7 +1,7 @@
 """Training images/s of model variants side by side: alternating rounds in one process, the same threads.
 
-    python -m bench.train_speed full lean lean+fused --side 28 --steps 10 --rounds 6
-    python -m bench.train_speed full lean+fused --side 32 --channels 3
+    python -m training speed full lean lean+fused --side 28 --steps 10 --rounds 6
+    python -m training speed full lean+fused --side 32 --channels 3
 
 A variant is ``<arch>[@<hidden>][+fused][+cl][+compile]``: the conv layout (``training.model``), the hidden
 width, fused AdamW, channels_last, torch.compile. Each round runs every variant for ``--steps`` training
@@ -13,7 +13,7 @@ load average printed before and after. Prints the median images/s of each varian
 import argparse
 import os
 import time
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 import numpy as np
 import torch
@@ -53,34 +53,19 @@ def run(variant: Dict, batches: torch.Tensor, steps: int) -> float:
     return BATCH * steps / (time.perf_counter() - started)
 
 
-def main(argv: List[str] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.train_speed", description=__doc__.split("\n\n")[0])
-    p.add_argument("variants", nargs="+", help="e.g. full lean lean+fused (the first is the reference)")
-    p.add_argument("--side", type=int, default=28)
-    p.add_argument("--channels", type=int, default=1)
-    p.add_argument("--steps", type=int, default=10, help="training steps per variant per round")
-    p.add_argument("--rounds", type=int, default=6)
-    args = p.parse_args(argv)
-    # 8-bit images; the speed does not depend on their content.
+def compare(names: List[str], *, channels: int, side: int, steps: int, rounds: int,
+            report: Callable[[str], None] = print) -> Dict[str, Dict]:
+    """Every variant's images/s in ``rounds`` alternating rounds (8-bit noise images: the speed does not depend
+    on their content); ``report`` gets a line per round and the load average before and after."""
     gen = torch.Generator().manual_seed(0)
-    batches = torch.randint(0, 256, (8, BATCH, args.channels, args.side, args.side), generator=gen).float() / 255
-    variants = {name: build(name, args.channels, args.side) for name in args.variants}
+    batches = torch.randint(0, 256, (8, BATCH, channels, side, side), generator=gen).float() / 255
+    variants = {name: build(name, channels, side) for name in names}
     for variant in variants.values():
         run(variant, batches, 3)  # warm-up (and torch.compile's compile)
-    print("load before:", os.getloadavg())
-    for r in range(args.rounds):
+    report(f"load before: {os.getloadavg()}")
+    for r in range(rounds):
         for variant in variants.values():
-            variant["rates"].append(run(variant, batches, args.steps))
-        print(f"round {r}:", {name: round(v["rates"][-1]) for name, v in variants.items()}, flush=True)
-    print("load after:", os.getloadavg())
-    reference = np.array(variants[args.variants[0]]["rates"])
-    for name, variant in variants.items():
-        rates = np.array(variant["rates"])
-        ratios = rates / reference
-        print(f"{name:22s} {num_parameters(variant['vae']):>9d} params  {np.median(rates):7.0f} img/s  "
-              f"x{np.median(ratios):.2f} (rounds {ratios.min():.2f}-{ratios.max():.2f})")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+            variant["rates"].append(run(variant, batches, steps))
+        report(f"round {r}: {({name: round(v['rates'][-1]) for name, v in variants.items()})}")
+    report(f"load after: {os.getloadavg()}")
+    return variants

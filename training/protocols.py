@@ -1,13 +1,9 @@
-"""Both out-of-distribution protocols in one table: Fashion-MNIST -> MNIST, and MNIST with one class held out.
+"""The out-of-distribution protocols in one table: Fashion-MNIST -> MNIST, and MNIST with one class held out.
 
-``python -m training.evaluate ood`` trains (or reuses) one model per protocol through the training CLI, evaluates
-every score kind and every model-free baseline of each with ``training.ood.evaluate_artifact`` (the artifact's
-own ``score``, calibration and references: what is served), prints one table and the mean over the held-out
-classes, and writes the numbers to ``<work>/ood.json``. The default score kind is chosen from this table.
-
-    python -m training.evaluate ood --data-dir /work/shared/datasets              # converged: 20 epochs each
-    python -m training.evaluate ood --holdout-classes 1,4,7 --epochs 6 --train-limit 8000 --limit 2000  # quick
-    python -m training.evaluate ood --model fashion=runs/fashion-ood/vae.ts --model mnist-no1=runs/mnist-no1/vae.ts
+``python -m training ood protocols`` trains (or reuses) one model per protocol with the training command line,
+exactly as a user runs it, evaluates every score kind and every model-free baseline of each with
+``training.ood.evaluate_artifact`` (the artifact's own ``score``, calibration and references: what is served),
+prints one table and the mean over the held-out classes, and writes the numbers to ``<work>/ood.json``.
 
 A protocol's model is ``<work>/<protocol>/vae.ts``; an existing one is reused (``--retrain`` trains again), and
 ``--model PROTOCOL=PATH`` names one trained elsewhere. ``--train-limit N`` trains on a subset: the first N
@@ -16,7 +12,7 @@ calib and val splits shrink with it).
 """
 
 import argparse
-import json
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -30,7 +26,6 @@ from training.calibration import artifact_neighbours
 from training.ood import ALPHAS, evaluate_artifact
 from vae_artifact.io import load_artifact
 
-DATASETS = Path("/work/shared/datasets")
 METRICS = ("auroc", "auprc", "fpr_at_95_tpr", *(f"fpr_at_alpha_{a}" for a in ALPHAS))
 
 
@@ -61,14 +56,13 @@ def subset_source(spec: str, n: int, directory: Path) -> str:
 
 
 def train(protocol: Protocol, data: str, out: Path, args: argparse.Namespace) -> None:
-    from training.__main__ import main as train_main  # the training CLI, exactly as a user runs it
-
-    argv = ["--data", data, "--epochs", str(args.epochs), "--eval-k", str(args.k), "--score-k", str(args.k),
+    """The protocol's model, trained by the training command line, exactly as a user runs it."""
+    argv = ["train", "--data", data, "--epochs", str(args.epochs), "--eval-k", str(args.k), "--score-k", str(args.k),
             "--base-width", str(args.base_width), "--no-report", "--quiet", "--out", str(out), *args.train_args]
     if protocol.classes is not None:
         argv += ["--classes", ",".join(map(str, protocol.classes))]
     print(f"[{protocol.name}] python -m training {' '.join(argv)}", flush=True)
-    train_main(argv)
+    subprocess.run([sys.executable, "-m", "training", *argv], check=True)
 
 
 def test_sets(protocol: Protocol, data: str, limit: Optional[int]) -> Tuple[np.ndarray, np.ndarray]:
@@ -85,7 +79,7 @@ def test_sets(protocol: Protocol, data: str, limit: Optional[int]) -> Tuple[np.n
 
 
 def run(args: argparse.Namespace) -> Dict:
-    given = dict(_model_arg(text) for text in args.model)
+    given = dict(args.model)
     results = {}
     for protocol in protocols(args.data_dir, args.holdout_classes):
         data = protocol.train_data
@@ -136,51 +130,3 @@ def _rows(result: Dict) -> List[Tuple[str, Dict]]:
     return ([(k + (" (default)" if k == result["default"] else ""), m) for k, m in kinds.items()]
             + [(f"{k} two-sided", m["two_sided"]) for k, m in kinds.items() if "two_sided" in m]
             + [(f"{b} (no model)", m) for b, m in result["baselines"].items()])
-
-
-def _model_arg(text: str) -> Tuple[str, Path]:
-    name, sep, path = text.partition("=")
-    if not sep or not path:
-        raise argparse.ArgumentTypeError(f"--model takes PROTOCOL=PATH, got {text!r}")
-    return name, Path(path)
-
-
-def _classes(text: str) -> List[int]:
-    classes = [int(c) for c in text.split(",") if c.strip()]
-    if not classes or not all(0 <= c <= 9 for c in classes):
-        raise argparse.ArgumentTypeError(f"expected MNIST classes 0-9, comma-separated, got {text!r}")
-    return classes
-
-
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m training.evaluate ood", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data-dir", type=Path, default=DATASETS, help="holds mnist/ and fashion-mnist/ (IDX files)")
-    p.add_argument("--holdout-classes", type=_classes, default=[1, 4, 7], help="one MNIST protocol per class")
-    p.add_argument("--work", type=Path, default=Path("runs/ood"), help="models, subsets and ood.json go here")
-    p.add_argument("--model", action="append", default=[], metavar="PROTOCOL=PATH",
-                   help="use this artifact for a protocol (fashion, mnist-no<C>) instead of training one")
-    p.add_argument("--retrain", action="store_true", help="train again even where <work>/<protocol>/vae.ts exists")
-    p.add_argument("--epochs", type=int, default=20, help="training epochs per model (early stopping may end sooner)")
-    p.add_argument("--base-width", type=int, default=32, help="the model's conv width")
-    p.add_argument("--k", type=int, default=16, help="importance samples: the served K (--score-k and --eval-k)")
-    p.add_argument("--train-limit", type=int, default=None, help="train on the first N pool images (quick runs)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate on the first N images of each test set")
-    p.add_argument("--train-args", nargs=argparse.REMAINDER, default=[], help="the rest goes to python -m training")
-    return p.parse_args(argv)
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
-    started = time.perf_counter()
-    summary = run(args)
-    print(format_tables(summary))
-    summary["wall_s"] = time.perf_counter() - started
-    args.work.mkdir(parents=True, exist_ok=True)
-    (args.work / "ood.json").write_text(json.dumps(summary, indent=1))
-    print(f"wall time {summary['wall_s']:.0f}s; numbers in {args.work / 'ood.json'}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
