@@ -2,22 +2,23 @@
 
     .venv/bin/python -m bench --model runs/vae.ts --out bench-results/
 
-Installs bench/requirements.txt into this environment first (``--no-install`` skips it); wrk from Debian
-(``apt-get install wrk``) is used as the load generator when present. All traffic goes to 127.0.0.1, every
+The peers (LitServe) and tools come with the project's ``bench`` extra (``pip install -e '.[bench]'``, part
+of ``dev``), or with ``--install``, which pip-installs that extra's list into this environment first. wrk
+from Debian (``apt-get install wrk``) is the load generator when present. All traffic goes to 127.0.0.1, every
 measurement is bounded by ``--duration`` and ``--max-requests``. Writes ``results.json`` (raw numbers) and
 ``results.md`` (the tables) to ``--out``. See bench/README.md.
 """
 
 import argparse
+import importlib.metadata
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 from bench.workloads import WORKLOADS
-
-REQUIREMENTS = Path(__file__).with_name("requirements.txt")
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
@@ -51,13 +52,21 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                         "report the best round (the least disturbed)")
     parser.add_argument("--variant", action="append", default=[], metavar="LABEL=DIR",
                         help="also run `python -m service` from another checkout DIR, reported as LABEL (A/B tests)")
-    parser.add_argument("--no-install", action="store_true", help="do not pip install bench/requirements.txt")
+    parser.add_argument("--install", action="store_true",
+                        help="first pip install the project's bench extra (LitServe, aiohttp, py-spy) here")
+    parser.add_argument("--no-install", action="store_true", help=argparse.SUPPRESS)  # the default now
     return parser.parse_args(argv)
 
 
+def bench_requirements() -> List[str]:
+    """The project's ``bench`` extra, as the installed distribution declares it."""
+    marker = re.compile(r"""\s*;\s*extra\s*==\s*["']bench["']\s*$""")
+    return [marker.sub("", r) for r in importlib.metadata.requires("vae-service") or [] if marker.search(r)]
+
+
 def install() -> None:
-    """pip install the benchmark's own requirements into this interpreter's environment."""
-    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-r", str(REQUIREMENTS)]
+    """pip install the benchmark's peers and tools into this interpreter's environment."""
+    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *bench_requirements()]
     subprocess.run(cmd, check=True)
 
 
@@ -74,7 +83,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"python -m bench: --variant wants LABEL=DIR with DIR/service, got {item!r}", file=sys.stderr)
             return 2
         variants[label] = Path(folder).resolve()
-    if not args.no_install:
+    if args.install:
         install()
     from bench import profile, runner
 

@@ -1,27 +1,34 @@
 """What the competitor servers share: the artifact's metadata, input decoding and output shaping.
 
-The naive and LitServe servers do exactly what the service does to a request, written the way a user of
-those frameworks would: PNG -> uint8 in the model's mode and size -> float / 255, the artifact's own
-``encode`` / ``decode`` / ``score`` under ``torch.inference_mode()``, and the same JSON shape (orjson, like
-the service). Output shaping (anomaly rows, sample PNGs) reuses the service's pure functions so every server
-sends the same bytes. The artifact is read with the contract's own package (``vae_artifact``), like the
-service reads it. Importing this module does not import torch; the servers do, when they start.
+The naive and LitServe servers do what the service does to a request, written the way a user of those
+frameworks would: PNG -> uint8 in the model's mode and size -> float / 255, the artifact's own ``encode`` /
+``decode`` / ``score`` under ``torch.inference_mode()``, the artifact's default score kind computed with the
+contract's own math (``vae_artifact``: the compressor, the Fisher combination, the conformal p-values), and
+a response of the service's JSON shape (orjson, like the service). Nothing here imports the service: a peer
+server knows the artifact, as any user's server would. Importing this module does not import torch; the
+servers do, when they start.
 """
 
+import base64
 import io
+import math
+import os
 import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import orjson
 from PIL import Image
 
-from vae_artifact.metadata import Metadata, read_metadata
+from vae_artifact import complexity
+from vae_artifact.calibration import Calibration, importance_stats
+from vae_artifact.combination import Combination
+from vae_artifact.metadata import Metadata, lists_latent_bank, preferred_kind, read_metadata
 
-__all__ = ["ModelShape", "model_shape", "read_metadata"]
+__all__ = ["ModelShape", "ScoreKind", "default_kind", "model_shape", "read_metadata", "score_kinds"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,17 @@ def decode_png(data: bytes, shape: ModelShape) -> np.ndarray:
         img = img.resize((shape.width, shape.height), Image.Resampling.BILINEAR)
     pixels = np.asarray(img, dtype=np.uint8)
     return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+
+
+def multipart_files(body: bytes, content_type: str) -> List[bytes]:
+    """The file parts of a well-formed multipart body, split on its boundary (no streaming parser)."""
+    boundary = content_type.split("boundary=", 1)[1].split(";")[0].strip('"')
+    files = []
+    for part in body.split(b"--" + boundary.encode())[1:-1]:
+        head, _, data = part.partition(b"\r\n\r\n")
+        if b"filename=" in head:
+            files.append(data[:-2])  # the CRLF before the next delimiter
+    return files
 
 
 def decode_npy(data: bytes, shape: ModelShape) -> np.ndarray:
@@ -92,13 +110,54 @@ def to_numpy(tensor) -> np.ndarray:
     return tensor.cpu().numpy()
 
 
-def score_kinds(metadata):
-    """The artifact's score kinds as our service offers them (``service.core.scoring.ScoreKinds``): the latent-bank
-    kinds too when the artifact has a bank, so every server scores the artifact's default kind."""
-    from service.core.scoring import ScoreKinds
-    from vae_artifact.metadata import lists_latent_bank
+@dataclass(frozen=True)
+class ScoreKind:
+    """One of the artifact's anomaly score kinds, read from its metadata: its compressor, its Fisher combination,
+    its calibration scores."""
 
-    return ScoreKinds.from_metadata(metadata, neighbours=lists_latent_bank(metadata))
+    name: str
+    compressor: Optional[str]
+    combination: Optional[Combination]
+    calibration: Optional[Calibration]
+    levels: int
+
+    @property
+    def needs_neighbours(self) -> bool:
+        return self.combination is not None and self.combination.needs_neighbours
+
+    def bits(self, images: np.ndarray) -> Optional[np.ndarray]:
+        """The images' compressed sizes, when the kind has a compressor."""
+        return None if self.compressor is None else complexity.compressed_bits(images, self.compressor, self.levels)
+
+    def scores(self, outputs: Dict[str, np.ndarray], bits: Optional[np.ndarray]) -> np.ndarray:
+        nll = -outputs["iw_ll"].astype(np.float64)
+        if self.combination is not None:
+            return self.combination.scores(nll, outputs["elbo"], bits, outputs.get("latent_nn"))
+        return complexity.corrected(nll, bits)
+
+
+def score_kinds(metadata: Metadata) -> Dict[str, ScoreKind]:
+    """The kinds a server can offer for the artifact: those whose compressor it can reproduce, the latent bank's
+    kinds only when it has a bank, and ``nll`` always."""
+    offered = {}
+    for name, description in metadata.scoring.kinds.items():
+        spec, combined = description.get("complexity"), description.get("combination")
+        combination = Combination.from_dict(combined) if combined is not None else None
+        if (spec is not None and not complexity.supports(spec)) or (
+                combination is not None and combination.needs_neighbours and not lists_latent_bank(metadata)):
+            continue
+        offered[name] = ScoreKind(name, spec["name"] if spec else None, combination,
+                                  Calibration.from_metadata(metadata, name), metadata.levels)
+    offered.setdefault("nll", ScoreKind("nll", None, None, Calibration.from_metadata(metadata, "nll"),
+                                        metadata.levels))
+    return offered
+
+
+def default_kind(metadata: Metadata) -> ScoreKind:
+    """The kind the artifact names as its default, or the contract's preferred one that it offers."""
+    offered = score_kinds(metadata)
+    name = metadata.scoring.default
+    return offered[name if name in offered else preferred_kind(offered)]
 
 
 def run_score(module, x, noise, neighbours: bool = False) -> Dict[str, np.ndarray]:
@@ -118,24 +177,49 @@ def encode_body(mu: np.ndarray, logvar: np.ndarray) -> bytes:
     return orjson.dumps({"mu": mu.tolist(), "logvar": logvar.tolist(), "z": None, "seed": None})
 
 
-def anomaly_body(outputs: Dict[str, np.ndarray], shape: ModelShape, kind, k: int, bits=None) -> bytes:
-    """The service's /anomaly-score JSON for the artifact's default score kind ``kind`` (a
-    ``service.core.scoring.ScoreKind``), built with its own pure functions (alpha 0.01, upper tail). ``bits``: the
-    kind's compressed sizes of the images (``ScoreKinds.complexity_bits``), the work our service does too."""
-    from service.core import scoring
-
-    rows = scoring.score_rows(outputs, num_dims=shape.num_dims, calibration=kind.calibration, alpha=0.01,
-                              tail="upper", k=k, complexity_bits=bits, kind=kind)
-    summary = scoring.calibration_summary(kind.calibration, 0.01, "upper", k)
+def anomaly_body(outputs: Dict[str, np.ndarray], shape: ModelShape, kind: ScoreKind, k: int, bits=None) -> bytes:
+    """The service's /anomaly-score JSON for ``kind`` (alpha 0.01, upper tail). ``bits``: the kind's compressed
+    sizes of the images (``ScoreKind.bits``), the work the service does too."""
+    alpha = 0.01
+    score = kind.scores(outputs, bits)
+    nll = -outputs["iw_ll"].astype(np.float64)
+    stats = importance_stats(outputs["log_w"])
+    calibration = kind.calibration if kind.calibration is not None and kind.calibration.k == k else None
+    p = calibration.p_values(score) if calibration is not None else [None] * len(score)
+    pct = calibration.percentiles(score) if calibration is not None else [None] * len(score)
+    latent_nn = outputs.get("latent_nn")
+    rows = [{"score_nats": float(score[i]), "complexity_bits": None if bits is None else float(bits[i]),
+             "neighbour_distance": None if latent_nn is None else float(latent_nn[i]),
+             "nll_nats": float(nll[i]), "nll_bits_per_dim": float(nll[i] / (shape.num_dims * math.log(2.0))),
+             "nll_se_nats": float(stats["se"][i]) if np.isfinite(stats["se"][i]) else None,
+             "ess": float(stats["ess"][i]), "elbo_nats": float(outputs["elbo"][i]),
+             "reconstruction_nats": float(outputs["rec"][i]), "kl_nats": float(outputs["kl"][i]),
+             "p_value": None if p[i] is None else float(p[i]), "percentile": None if pct[i] is None else float(pct[i]),
+             "is_anomaly": None if p[i] is None else bool(p[i] <= alpha)} for i in range(len(score))]
+    threshold = calibration.threshold(alpha) if calibration is not None else None
+    summary = {"calibrated": calibration is not None, "n": 0 if kind.calibration is None else kind.calibration.n,
+               "k": None if kind.calibration is None else kind.calibration.k, "alpha": alpha, "tail": "upper",
+               "threshold_nats": threshold if threshold is not None and math.isfinite(threshold) else None,
+               "threshold_low_nats": None}
     return orjson.dumps({"score": kind.name, "k": k, "scores": rows, "calibration": summary})
 
 
 def sample_body(pixels: np.ndarray, z: np.ndarray, seed: int) -> bytes:
     """The service's /sample JSON: one base64 PNG per image, the latents and the seed."""
-    from service.core import codecs
-
-    images: List[str] = [codecs.encode_png_base64(im) for im in codecs.to_uint8(pixels)]
+    images = []
+    for image in np.clip(np.rint(pixels * 255.0), 0, 255).astype(np.uint8):
+        buffer = io.BytesIO()
+        Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)).save(buffer, format="PNG")
+        images.append(base64.b64encode(buffer.getvalue()).decode("ascii"))
     return orjson.dumps({"images": images, "z": z.tolist(), "seed": seed})
+
+
+def default_processes(device: str) -> int:
+    """Server processes for ours and the ceiling when not given: one per usable core on CPU (up to 8), one on a
+    GPU: what the service itself would choose on this machine outside a container."""
+    if device.startswith("cuda"):
+        return 1
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
 def split_rows(array: np.ndarray, sizes: Sequence[int]) -> List[np.ndarray]:

@@ -4,7 +4,7 @@
 #   .whl/      the service's and LitServe's wheels for its Python (bench/README.md, "On a GPU": how to make both)
 #   .devdata/  mnist/ (IDX files), bin/wrk and lib/libluajit-5.1.so.2 (wrk's one library the machine lacks)
 # Phases, each bounded and chosen with PHASES (default all): train on CUDA (digits, then MNIST 28x28; the others
-# need it), bench (the side-by-side benchmark), costs (bench.runtime_costs: the runtime over the model alone),
+# need it), bench (the side-by-side benchmark), costs (service.core.runtime_costs: the runtime over the model alone),
 # tests (the serving tests on CUDA). Everything worth keeping lands in $OUT (at most 8 files come back).
 set -u
 OUT="${OUT:-/tmp/device-out}"
@@ -42,7 +42,7 @@ if want bench && [ -f /tmp/m/mnist/vae.ts ]; then
   timeout "${BENCH_TIMEOUT:-240}" python3 -m bench --device cuda --model /tmp/m/mnist/vae.ts \
     --images idx:.devdata/mnist --cold-start-model /tmp/m/digits/vae.ts --servers ours naive litserve ceiling \
     --workloads encode_c1 encode_c64 anomaly_c16 npy256_c1 --lit-workers 1 --rounds 1 --duration 4 --warmup 1 \
-    --open-loop 4 --cold-starts 1 --no-install --out /tmp/bench-gpu > "$OUT/bench.log" 2>&1
+    --open-loop 4 --cold-starts 1 --out /tmp/bench-gpu > "$OUT/bench.log" 2>&1
   echo "bench exit $?"
   cp /tmp/bench-gpu/results.md /tmp/bench-gpu/results.json "$OUT/" 2>/dev/null
   tail -n 30 /tmp/bench-gpu/logs/*.log > "$OUT/server-logs.txt" 2>/dev/null
@@ -51,7 +51,7 @@ fi
 
 if want costs && [ -f /tmp/m/mnist/vae.ts ]; then
   log "runtime costs on CUDA (MNIST 28x28 model)"
-  timeout 90 python3 -m bench.runtime_costs --model /tmp/m/mnist/vae.ts --device cuda 2>&1 | tee "$OUT/costs.md"
+  timeout 90 python3 -m service.core.runtime_costs --model /tmp/m/mnist/vae.ts --device cuda 2>&1 | tee "$OUT/costs.md"
 fi
 
 if want tests; then

@@ -19,8 +19,6 @@ from typing import Dict, List, Optional
 from bench import common, loadgen, report
 from bench.serverproc import ROOT, ServerProcess, batch_stats, free_port, http, read_json
 from bench.workloads import WORKLOADS, Workload, build_request, load_images
-from service.core.devices import available_cpus
-from service.supervisor import default_processes
 
 # The ceiling comes after ours: its last round repeats our half-load open loop at the same rate (the floor that
 # the HTTP stack and the Python load generator leave on this machine).
@@ -59,7 +57,7 @@ def run(opts: Options) -> Dict:
     images = load_images(opts.images)
     workloads = [w for w in WORKLOADS if w.name in opts.workloads]
     if not opts.processes:
-        opts.processes = default_processes(opts.device, available_cpus())
+        opts.processes = common.default_processes(opts.device)
     servers = [lit for name in opts.servers
                for lit in ([f"litserve-{n}w" for n in opts.lit_workers] if name == "litserve" else [name])]
     servers += list(opts.variants)

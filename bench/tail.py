@@ -20,8 +20,6 @@ from typing import Dict, List
 from bench import common, loadgen, runner
 from bench.serverproc import ServerProcess
 from bench.workloads import WORKLOADS, build_request, load_images
-from service.core.devices import available_cpus
-from service.supervisor import default_processes
 
 ENCODE = 'kernel="encode"'
 
@@ -73,7 +71,7 @@ def main() -> None:
     parser.add_argument("variants", nargs="*", metavar="LABEL=DIR", help="other checkouts of the service")
     args = parser.parse_args()
     variants = {label: Path(root) for label, root in (v.split("=", 1) for v in args.variants)}
-    processes = args.processes or default_processes("cpu", available_cpus())  # as `python -m bench` resolves 0
+    processes = args.processes or common.default_processes("cpu")  # as `python -m bench` resolves 0
     opts = runner.Options(model=args.model, out=args.out, images=args.images, duration_s=args.duration,
                           processes=processes, variants=variants)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from service.core.devices import pin_cpu_numerics
@@ -34,3 +35,15 @@ def digits_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def digits_dataset() -> Dataset:
     """The digits splits the session artifact was trained and calibrated on."""
     return load_dataset("digits", seed=0)
+
+
+@pytest.fixture(scope="session")
+def digit_images(digits_dataset) -> np.ndarray:
+    """Real held-out digits as 8-bit images (N, 1, 8, 8): the 17 levels scaled to 0..255."""
+    test = digits_dataset.test.images.astype(np.float64)
+    return np.round(test * 255.0 / (digits_dataset.levels - 1)).astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def noise_images() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, size=(32, 1, 8, 8), dtype=np.uint8)

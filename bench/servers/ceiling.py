@@ -1,8 +1,8 @@
 """The ceiling: the service's HTTP stack (FastAPI + uvicorn) parsing and decoding the same bodies, no model.
 
-Each endpoint reads the body exactly like the others (.npy, JSON, and multipart PNG parts split with the
-service's own parser, ``service.api.inputs.multipart_files``), decodes the images on the event loop (the
-cheapest place for a 28x28 PNG) and returns a precomputed body of the right shape and size. It runs as many
+Each endpoint reads the body like the others (.npy, JSON, and multipart PNG parts, split on their boundary:
+the cheapest parse there is), decodes the images on the event loop (the cheapest place for a 28x28 PNG) and
+returns a precomputed body of the right shape and size. It runs as many
 uvicorn processes as our service runs server processes (``--processes``). Nothing a model server does can be
 faster on this stack. Also serves ``GET /constant`` (no body parsing at all), which the benchmark uses to
 show the load generator's own limit.
@@ -19,7 +19,6 @@ import uvicorn
 from fastapi import FastAPI, Request, Response
 
 from bench import common
-from service.api.inputs import multipart_files
 
 JSON = "application/json"
 
@@ -27,7 +26,7 @@ JSON = "application/json"
 def create_app(model_path: Path) -> FastAPI:
     metadata = common.read_metadata(model_path)
     shape = common.model_shape(metadata)
-    kind = common.score_kinds(metadata).get(None)
+    kind = common.default_kind(metadata)
     d, k = shape.latent_dim, shape.score_k
     app = FastAPI()
 
@@ -51,7 +50,7 @@ def create_app(model_path: Path) -> FastAPI:
     async def read_images(request: Request) -> np.ndarray:
         content_type = request.headers.get("content-type", "")
         if content_type.startswith("multipart/form-data"):
-            blobs = multipart_files(await request.body(), content_type, max_parts=1024)
+            blobs = common.multipart_files(await request.body(), content_type)
             return np.stack([common.decode_png(b, shape) for b in blobs])
         return common.decode_npy(await request.body(), shape)
 

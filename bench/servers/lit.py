@@ -36,8 +36,7 @@ class VAEAPI(ls.LitAPI):
     def setup(self, device: str) -> None:  # LitServe's device for this worker: "cpu" or "cuda:N"
         metadata = common.read_metadata(self.model_path)
         self.shape = common.model_shape(metadata)
-        self.kinds = common.score_kinds(metadata)
-        self.kind = self.kinds.get(None)  # the artifact's default score kind, as our service computes it
+        self.kind = common.default_kind(metadata)  # the artifact's default score kind, as our service computes it
         self.device = device
         self.module = common.load_model(self.model_path, self.threads, device)
         self.noise = common.score_noise(self.shape, self.shape.score_k, device)
@@ -69,7 +68,7 @@ class VAEAPI(ls.LitAPI):
                 return [common.encode_body(m, v) for m, v in zip(common.split_rows(mu, sizes),
                                                                   common.split_rows(logvar, sizes))]
             outputs = common.run_score(self.module, x, self.noise, self.kind.needs_neighbours)
-            outputs["bits"] = self.kinds.complexity_bits(self.kind, np.concatenate(inputs))
+            outputs["bits"] = self.kind.bits(np.concatenate(inputs))
             parts = {name: common.split_rows(v, sizes) if v is not None else [None] * len(sizes)
                      for name, v in outputs.items()}
             return [common.anomaly_body({name: parts[name][i] for name in parts if name != "bits"}, self.shape,

@@ -23,8 +23,7 @@ JSON = "application/json"
 def create_app(model_path: Path, threads: int, device: str = "cpu") -> FastAPI:
     metadata = common.read_metadata(model_path)
     shape = common.model_shape(metadata)
-    kinds = common.score_kinds(metadata)
-    kind = kinds.get(None)  # the artifact's default score kind, as our service computes it
+    kind = common.default_kind(metadata)  # the artifact's default score kind, as our service computes it
     module = common.load_model(model_path, threads, device)
     noise = common.score_noise(shape, shape.score_k, device)
     app = FastAPI()
@@ -44,7 +43,7 @@ def create_app(model_path: Path, threads: int, device: str = "cpu") -> FastAPI:
     def score(images: np.ndarray) -> bytes:
         with torch.inference_mode():
             outputs = common.run_score(module, common.to_tensor(images, device), noise, kind.needs_neighbours)
-        return common.anomaly_body(outputs, shape, kind, shape.score_k, kinds.complexity_bits(kind, images))
+        return common.anomaly_body(outputs, shape, kind, shape.score_k, kind.bits(images))
 
     def sample(n: int, seed: int) -> bytes:
         z = np.random.default_rng(seed).standard_normal((n, shape.latent_dim)).astype(np.float32)

@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from live_server import live_server
-from loadgen import Request, one, percentile, session, status_counts
+from tests.reliability.live_server import live_server
+from tests.reliability.loadgen import Request, one, percentile, session, status_counts
 
 MAX_ROWS = 64
 MAX_BODY = 32 * 1024 * 1024  # the default VAE_MAX_BODY_BYTES

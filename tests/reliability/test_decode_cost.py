@@ -17,7 +17,7 @@ from service.core import codecs
 from service.app import create_app
 from service.config import Settings
 from service.api.inputs import INLINE_BYTES
-from test_faults import in_process, settings_for
+from tests.reliability.test_faults import in_process, settings_for
 
 SIDE = 4000  # 16 M pixels: within the default max_pixels (4096 * 4096); a black one is a 15.6 KB PNG
 BUDGET = 64 * 1024 * 1024  # the default max_request_pixels: four such images fit, five do not

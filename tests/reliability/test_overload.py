@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from live_server import live_server
-from loadgen import Request, RssSampler, closed_loop, one, open_loop, percentile, session, status_counts
+from tests.reliability.live_server import live_server
+from tests.reliability.loadgen import Request, RssSampler, closed_loop, one, open_loop, percentile, session, status_counts
 
 pytestmark = pytest.mark.slow
 

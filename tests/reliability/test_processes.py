@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
-from live_server import LiveServer, children, live_server
+from tests.reliability.live_server import LiveServer, children, live_server
 
 NPY = "application/x-npy"
 SETTINGS = dict(torch_threads=1, log_level="warning")

@@ -24,7 +24,7 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
-from live_server import live_server
+from tests.reliability.live_server import live_server
 from service.app import create_app
 from service.config import Settings
 

@@ -15,7 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from live_server import REPO
+from tests.reliability.live_server import REPO
 from prometheus_client.parser import text_string_to_metric_families
 from service.app import create_app
 from service.config import Settings

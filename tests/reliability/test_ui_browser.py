@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from live_server import live_server
+from tests.reliability.live_server import live_server
 
 try:
     from playwright.sync_api import Browser, Page, expect, sync_playwright
