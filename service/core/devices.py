@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict
+from typing import TYPE_CHECKING, Dict, Optional
 
 from vae_artifact.errors import ArtifactError
 
@@ -73,17 +73,22 @@ def release_free_memory() -> bool:
     return True
 
 
-def available_cpus() -> int:
-    """CPUs this process may use: its affinity mask, lowered by a cgroup CPU quota (a container's limit)."""
+CGROUP = Path("/sys/fs/cgroup")
+
+
+def available_cpus(cgroup: Optional[Path] = None) -> int:
+    """CPUs this process may use: its affinity mask, lowered by a cgroup CPU quota (a container's limit), read
+    under ``cgroup`` (default ``CGROUP``; v2's cpu.max, else v1's cpu/cpu.cfs_quota_us and cpu.cfs_period_us)."""
+    cgroup = CGROUP if cgroup is None else cgroup
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     quota = None
     try:  # cgroup v2
-        limit, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        limit, period = (cgroup / "cpu.max").read_text().split()[:2]
         quota = None if limit == "max" else int(limit) / int(period)
     except (OSError, ValueError):
         try:  # cgroup v1
-            limit = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
-            period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+            limit = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())
+            period = int((cgroup / "cpu" / "cpu.cfs_period_us").read_text())
             quota = limit / period if limit > 0 and period > 0 else None
         except (OSError, ValueError):
             pass

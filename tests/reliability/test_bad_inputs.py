@@ -361,6 +361,7 @@ def replay_catalogue(url: str, rounds: int, concurrency: int) -> int:
     return asyncio.run(run())
 
 
+@pytest.mark.slow  # a latency comparison: it needs the machine to itself
 def test_bad_inputs_do_not_slow_good_requests(server):
     """Good one-image /encode requests (2 workers, back to back) run alone for 8 s, then while another process
     replays the whole catalogue 5 times from 4 senders. Bound: p99 latency of the good requests during the

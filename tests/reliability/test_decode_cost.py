@@ -63,20 +63,13 @@ async def test_a_small_body_of_many_pixels_is_decoded_off_the_event_loop(digits_
 
 async def test_a_request_over_the_pixel_budget_is_refused_before_decoding(digits_artifact, decode_threads):
     big = png(SIDE)
-    started = time.perf_counter()
-    codecs.decode_image(big, codecs.ImageSpec(1, 8, 8))
-    decode_s = time.perf_counter() - started
-    decode_threads.clear()
     async with in_process(create_app(settings_for(digits_artifact))) as client:
         assert Settings().max_request_pixels == BUDGET
         for parts in (5, 200):  # just over the budget, and a few hundred parts (seconds of decoding)
-            started = time.perf_counter()
             response = await client.post("/encode", **multipart([big] * parts))
-            elapsed = time.perf_counter() - started
             assert response.status_code == 413, response.text
             assert response.json()["error"]["code"] == "too_large" and str(BUDGET) in response.text
             assert decode_threads == []  # not one image decoded
-            assert elapsed < parts * decode_s / 4, (elapsed, parts * decode_s)
         assert (await client.post("/encode", **multipart([big] * 4))).status_code == 200  # on the budget: served
 
 

@@ -15,10 +15,12 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from tests.reliability.live_server import REPO
 from prometheus_client.parser import text_string_to_metric_families
+
 from service.app import create_app
 from service.config import Settings
+from tests.helpers import wait_ready
+from tests.reliability.live_server import REPO
 
 KEY = "k3y-f0r-the-tests-7f2a9c"
 # What an orchestrator calls without credentials (the Open Inference Protocol's health routes too).
@@ -180,4 +182,8 @@ def test_the_cli_refuses_an_artifact_that_is_not_the_pinned_one(digits_artifact)
     assert "is not the pinned" in wrong.stderr and "Traceback" not in wrong.stderr
     malformed = _serve(digits_artifact, {"VAE_EXPECTED_SHA256": "not-a-sha"})
     assert malformed.returncode == 2 and "64 hex digits" in malformed.stderr
-    assert hashlib.sha256(digits_artifact.read_bytes()).hexdigest() != "0" * 64
+    # ... and serves the pinned one, naming it.
+    pinned = hashlib.sha256(digits_artifact.read_bytes()).hexdigest()
+    with TestClient(create_app(Settings(model_path=digits_artifact, expected_sha256=pinned.upper()))) as client:
+        wait_ready(client)
+        assert client.get("/v1/model").json()["sha256"] == pinned

@@ -182,3 +182,13 @@ def test_add_writes_a_direction_and_keeps_the_weights(digits_artifact, digits_da
     with pytest.raises(SystemExit, match="not a folder"):
         directions_cli(["add", "--model", str(model), "--name", "x", "--positive", str(tmp_path / "missing"),
                         "--negative", str(negative)])
+
+
+def test_list_prints_every_direction_without_its_vector(digits_artifact, capsys):
+    assert directions_cli(["list", "--model", str(digits_artifact)]) == 0
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    stored = load_artifact(digits_artifact)[1].directions
+    assert [row["name"] for row in printed] == stored.names() and len(printed) >= 2
+    for row in printed:
+        assert "vector" not in row
+        assert row == stored.items[row["name"]].to_dict(vector=False)

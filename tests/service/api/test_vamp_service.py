@@ -60,7 +60,10 @@ def test_sample_is_the_artifacts_mixture_sampler_on_the_seeds_noise(vamp_client,
     module, meta = load_artifact(vamp_artifact, map_location=SERVED_DEVICE)
     d = meta.latent_dim
     body = vamp_client.post("/sample", json={"n": 20, "seed": 3, "temperature": 0.5}).json()
-    rows = latent.mixture_noise(20, d, PSEUDO_INPUTS, 3, 0.5)
+    # The seed's draws, as the service documents them: numpy's generator, eps first, then the components.
+    rng = np.random.default_rng(3)
+    rows = np.concatenate([0.5 * rng.standard_normal((20, d)), rng.integers(0, PSEUDO_INPUTS, size=(20, 1))],
+                          axis=1).astype(np.float32)
     with torch.no_grad():
         eps, component = (torch.from_numpy(rows[:, :d]).to(SERVED_DEVICE),
                           torch.from_numpy(rows[:, d]).long().to(SERVED_DEVICE))

@@ -81,30 +81,47 @@ async def test_rows_with_different_params_never_share_a_call():
         await batcher.stop()
 
 
-async def test_delay_starts_at_the_first_row():
+async def test_a_delay_holds_a_lone_row_open_until_the_batch_fills():
     kernel = Kernel()
-    batcher = await started(make(kernel, delay=0.3))
+    batcher = await started(make(kernel, max_rows=8, delay=60.0))
     try:
-        start = time.monotonic()
-        await batcher.submit("k", np.ones(1))
-        waited = time.monotonic() - start
-        assert 0.25 <= waited < 2.0, waited  # a lone row waits out the delay, then runs
+        first = asyncio.create_task(batcher.submit("k", np.ones(1)))
+        for _ in range(20):
+            await asyncio.sleep(0)  # every turn the batcher could take: the batch stays open
+        assert kernel.calls == [] and not first.done()
+        rest = [asyncio.create_task(batcher.submit("k", np.full(1, float(i)))) for i in range(7)]
+        await asyncio.gather(first, *rest)  # the eighth row fills the batch: it runs, long before the delay
+        assert [n for _, n, _ in kernel.calls] == [8]
     finally:
         await batcher.stop()
 
 
+class GatedKernel(Kernel):
+    """Its first call waits at a gate, after saying it has started: the one worker is then busy."""
+
+    def __init__(self):
+        super().__init__()
+        self.started, self.gate = threading.Event(), threading.Event()
+
+    def __call__(self, kernel, rows, params):
+        if not self.calls:
+            self.started.set()
+            assert self.gate.wait(30), "the test never opened the gate"
+        return super().__call__(kernel, rows, params)
+
+
 async def test_rows_arriving_while_the_worker_is_busy_form_the_next_batch():
-    kernel = Kernel(delay=0.2)
+    kernel = GatedKernel()
     batcher = await started(make(kernel, max_rows=8, delay=0.0))
     try:
-        start = time.monotonic()
         first = asyncio.create_task(batcher.submit("k", np.ones(1)))
-        await asyncio.sleep(0.05)  # the lone row went to the idle worker at once, no delay
-        assert [n for _, n, _ in kernel.calls] == [1]
+        await asyncio.to_thread(kernel.started.wait, 30)  # the lone row went to the idle worker at once
         rest = [asyncio.create_task(batcher.submit("k", np.full(1, float(i)))) for i in range(5)]
+        for _ in range(20):
+            await asyncio.sleep(0)  # all five queued behind the busy worker
+        kernel.gate.set()
         await asyncio.gather(first, *rest)
-        assert [n for _, n, _ in kernel.calls] == [1, 5]  # the five queued behind the busy worker share a call
-        assert time.monotonic() - start < 1.0
+        assert [n for _, n, _ in kernel.calls] == [1, 5]  # the five share the next call
     finally:
         await batcher.stop()
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 from service.core.codecs import (
     ImageSpec,
@@ -132,10 +132,23 @@ def test_animated_gif_uses_first_frame():
     assert (decode_image(data, GRAY) == 50).all()
 
 
-def test_bmp():
+@pytest.mark.parametrize("fmt, params", [("BMP", {}), ("WEBP", {"lossless": True}), ("TIFF", {}),
+                                         ("TIFF", {"compression": "tiff_deflate"})],
+                         ids=["bmp", "webp-lossless", "tiff", "tiff-deflate"])
+def test_lossless_formats_decode_to_their_pixels(fmt, params):
     image = np.random.default_rng(1).integers(0, 256, (4, 4, 3), dtype=np.uint8)
-    out = decode_image(save(Image.fromarray(image), "BMP"), RGB)
+    out = decode_image(save(Image.fromarray(image), fmt, **params), RGB)
     np.testing.assert_array_equal(out, image.transpose(2, 0, 1))
+
+
+def test_lossy_webp_and_a_multi_page_tiff():
+    """A lossy WebP decodes near its pixels; a TIFF's first page is the image, as an animation's first frame."""
+    photo = solid("RGB", (30, 120, 220), (16, 16))
+    out = decode_image(save(photo, "WEBP", quality=90), ImageSpec(channels=3, height=16, width=16))
+    assert np.abs(out.astype(int) - np.array([30, 120, 220])[:, None, None]).max() <= 4
+    pages = save(solid("L", 70), "TIFF", save_all=True, append_images=[solid("L", 200)])
+    assert Image.open(io.BytesIO(pages)).n_frames == 2
+    assert (decode_image(pages, GRAY) == 70).all()
 
 
 # --- resizing --------------------------------------------------------------------------------------------
@@ -207,13 +220,16 @@ def one_bit_png(width: int, height: int, rows: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", pixels) + png_chunk(b"IEND", b"")
 
 
-def test_bomb_is_rejected_before_decoding():
+def test_bomb_is_rejected_before_decoding(monkeypatch):
     data = one_bit_png(8000, 8000, rows=8000)  # 64 Mpixel, about 8 KB on disk, below Pillow's own limit
     assert len(data) < 20_000
-    start = time.perf_counter()
+
+    def decompress(self):
+        raise AssertionError("the image was decompressed")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", decompress)
     with pytest.raises(ImageTooLarge) as info:
         decode_image(data, GRAY)
-    assert time.perf_counter() - start < 0.5  # nothing was decompressed
     assert info.value.code == "image_too_large" and "8000x8000" in str(info.value)
 
 

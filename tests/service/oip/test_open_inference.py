@@ -194,6 +194,23 @@ def test_only_requested_outputs_are_sent_and_gzip_bodies_are_read(tc, digit_imag
     assert result.as_numpy("mu") is None and result.as_numpy("logvar").shape[0] == 2
 
 
+def test_deflate_bodies_are_read_like_plain_ones(tc, digit_images):
+    plain = tc.infer("encoder", [tensor("images", digit_images[:3], "UINT8", True)], headers=auth())
+    deflated = tc.infer("encoder", [tensor("images", digit_images[:3], "UINT8", True)], headers=auth(),
+                        request_compression_algorithm="deflate")
+    np.testing.assert_array_equal(deflated.as_numpy("mu"), plain.as_numpy("mu"))
+
+
+def test_tritons_timeout_parameter_sets_the_deadline(tc, digit_images):
+    """``timeout`` (microseconds, as tritonclient sends it) lowers the request's deadline: one microsecond has
+    passed before any row is computed (504, the rows dropped); a minute is plenty."""
+    inputs = [tensor("images", digit_images[:2], "UINT8", True)]
+    with pytest.raises(InferenceServerException) as expired:
+        tc.infer("encoder", inputs, headers=auth(), timeout=1)
+    assert expired.value.status() == "504" and "deadline" in expired.value.message()
+    assert tc.infer("encoder", inputs, headers=auth(), timeout=60_000_000).as_numpy("mu").shape == (2, 16)
+
+
 def test_the_server_limits_apply(tc, digit_images, settings):
     rows = np.repeat(digit_images[:1], settings.max_rows + 1, axis=0)
     with pytest.raises(InferenceServerException) as too_many:
