@@ -57,7 +57,7 @@ fi
 if want tests; then
   log "serving tests on CUDA"
   timeout "${TEST_TIMEOUT:-130}" python3 -m pytest -q -p no:cacheprovider -o addopts="" -m "not slow" \
-    tests/serving tests/test_export.py --ignore=tests/serving/test_open_inference.py > "$OUT/pytest.log" 2>&1
+    tests/service/core tests/service/api tests/training/test_export.py > "$OUT/pytest.log" 2>&1
   echo "pytest exit $?"
   grep -E "passed|failed|FAILED|ERROR" "$OUT/pytest.log" | tail -25
 fi

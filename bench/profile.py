@@ -60,7 +60,7 @@ def record(server, req: loadgen.Request, connections: int, seconds: float, outdi
         if proc.returncode != 0 or not raw.exists():
             return {"error": f"py-spy failed: {proc.stderr.strip()[-500:]}"}
         out[mode] = summarize(raw.read_text())
-        out[mode]["raw"] = str(raw)
+        out[mode]["raw"] = f"profile/{raw.name}"  # beside results.json, wherever --out puts it
     return out
 
 

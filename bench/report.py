@@ -1,4 +1,4 @@
-"""The issue's targets as ratios from one run, and the markdown report (tables for the README)."""
+"""The targets as ratios from one run, and the markdown report (bench/results/latest.md is one)."""
 
 import math
 import statistics
@@ -33,7 +33,7 @@ def _target(name: str, value: Optional[float], limit: float, higher_is_better: b
 
 
 def targets(results: Dict) -> List[Dict]:
-    """Issue #11's targets, as ratios measured side by side in this run."""
+    """The targets, as ratios measured side by side in this run."""
     ours_c64 = _get(results, "encode_c64", "ours", "req_per_s")
     ours_anomaly = _get(results, "anomaly_c16", "ours", "req_per_s")
     out = [

@@ -283,8 +283,9 @@ def _meta(opts: Options, shape) -> Dict:
     from importlib.metadata import version
 
     return {
-        "command": " ".join([Path(sys.executable).name, "-m", "bench", *sys.argv[1:]]),
-        "model": str(opts.model), "model_shape": shape.__dict__, "images": opts.images,
+        "command": " ".join([Path(sys.executable).name, "-m", "bench", *map(_neutral, sys.argv[1:])]),
+        "model": _neutral(str(opts.model)), "model_sha256": _sha256(opts.model), "model_shape": shape.__dict__,
+        "images": _neutral(opts.images),
         "torch_threads": opts.threads, "duration_s": opts.duration_s, "warmup_s": opts.warmup_s,
         "batch_delay_ms": opts.batch_delay_ms, "lit_workers": opts.lit_workers, "processes": opts.processes,
         "device": opts.device,
@@ -293,6 +294,19 @@ def _meta(opts: Options, shape) -> Dict:
         "platform": platform.platform(), "python": platform.python_version(), "torch": version("torch"),
         "load_before": os.getloadavg(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def _neutral(arg: str) -> str:
+    """A command-line argument as the report records it: a path by its last component only (``idx:DIR``
+    sources too), so a report says which model and data, not where one machine kept them."""
+    kind, sep, rest = arg.partition(":") if arg.split(":", 1)[0] in ("idx", "npz", "folder") else ("", "", arg)
+    return kind + sep + (Path(rest).name if "/" in rest else rest)
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _load() -> str:

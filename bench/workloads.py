@@ -1,4 +1,4 @@
-"""The workloads of the issue, and the request bodies they send.
+"""The benchmark's workloads, and the request bodies they send.
 
 Images are 28x28 grayscale PNGs: MNIST test digits when ``--images idx:DIR`` points at the IDX files, else
 scikit-learn's 8x8 digits scaled up to 28x28 (shipped with the package: no download). Every server converts

@@ -28,11 +28,12 @@ class Settings(BaseSettings):
     # it open that much longer for more rows, but only while a worker is idle.
     max_batch_rows: int = Field(64, ge=1, le=4096)
     batch_delay_ms: float = Field(0.0, ge=0.0, le=1000.0)
-    # Threads running model calls side by side. Default: one per usable CPU core (cgroup quota aware,
-    # up to 8) on CPU, one on a GPU.
+    # Threads running model calls side by side. Default (service.core.devices.default_workers): the
+    # process's share of the usable CPU cores on CPU, one on a GPU.
     model_workers: Optional[int] = Field(None, ge=1, le=64)
     # Server processes behind the one port, each a full replica (model, batcher, workers); see
-    # service/supervisor.py. Default: one per usable CPU core (cgroup quota aware, up to 8), one on a GPU.
+    # service/supervisor.py. Default (service.core.devices.default_processes): one per usable CPU core, a
+    # container's quota counted, one on a GPU.
     processes: Optional[int] = Field(None, ge=1, le=64)
     # Where the processes keep their metric values (set by the supervisor; None with one process).
     metrics_dir: Optional[Path] = None
@@ -40,8 +41,8 @@ class Settings(BaseSettings):
     # start-up); on CPU it runs at its exact size, padded only up to the size from which the warm-up found
     # every row bit-identical to the largest call (service.core.runtime). The largest bucket is max_batch_rows.
     buckets: List[int] = Field(default_factory=lambda: [4, 16, 64])
-    # A score row costs K decodes; one score call holds at most this many decoded images (default:
-    # 128 on CPU, 4096 on a GPU).
+    # A score row costs K decodes; one score call holds at most this many decoded images (default: the
+    # runtime's SCORE_DECODES for the device: small calls on CPU, one full call on a GPU).
     max_score_decodes: Optional[int] = Field(None, ge=1)
     queue_limit: int = Field(2048, ge=1)  # rows waiting per kernel before new work gets 503
     max_in_flight: int = Field(512, ge=1)  # model requests being parsed or waiting; more get 503 at once
@@ -55,8 +56,8 @@ class Settings(BaseSettings):
     max_steps: int = Field(256, ge=2)  # /interpolate
     max_k: int = Field(1024, ge=1)  # importance samples per anomaly score
     # Source pixels of all the images of one request, summed from their headers before any is decoded:
-    # decoding costs by pixels, not bytes (a 15 KB PNG can hold 16 M pixels). 64 Mi: four images of the
-    # largest size max_pixels allows, a fraction of a CPU-second of decoding.
+    # decoding costs by pixels, not bytes (a PNG of a few KB can hold millions). The default admits a few
+    # images of the largest size max_pixels allows: a fraction of a CPU-second of decoding.
     max_request_pixels: int = Field(64 * 1024 * 1024, ge=1)
     # /metrics without the API key, for an in-cluster scraper that cannot send one; everything else but
     # /livez and /readyz still needs the key.

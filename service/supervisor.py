@@ -6,10 +6,10 @@ request run on it, and torch releases it only inside kernels. So the server runs
 and still presents one server: one port; ``/readyz`` 200 only when every process is warm; one ``/metrics``
 scrape summing every process (prometheus-client's multiprocess mode, ``PROMETHEUS_MULTIPROC_DIR``).
 
-Why replicas and not HTTP processes in front of one model process: measured on this 2-core machine (see
-bench/README.md), a replica per core doubles what the GIL-bound request path can do, and shares nothing, so
-a dead process takes only its own in-flight requests with it. On one GPU one process (one CUDA context, large
-batches) stays the default.
+Why replicas and not HTTP processes in front of one model process: on CPU every core must run model code too,
+so the other shape needs a model process per core anyway plus a copy of every request between processes;
+replicas share nothing, so a dead process takes only its own in-flight requests with it. On one GPU one process
+(one CUDA context, large batches) stays the default.
 
 The supervisor follows uvicorn's ``supervisors/multiprocess.py``: spawned children, a dead child is replaced
 (and its live gauges removed, so it no longer counts as ready), SIGTERM or SIGINT is passed to every child,

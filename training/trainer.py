@@ -49,7 +49,7 @@ class TrainConfig:
     seed: int = 0
     binarize: bool = False  # dynamic binarisation: a fresh Bernoulli draw of every training batch
     amp: bool = True  # bf16 (or fp16 + GradScaler) autocast; only ever used on CUDA
-    compile: bool = False  # torch.compile the training model (measured on CPU: ~1.1x images/s after a compile)
+    compile: bool = False  # torch.compile the training step: a little faster after a compile of tens of seconds
     ema: float = 0.0  # decay per step of an exponential moving average of the weights (e.g. 0.999); 0: none
 
     def __post_init__(self) -> None:
@@ -119,8 +119,8 @@ def amp_dtype(device: torch.device, enabled: bool) -> Optional[torch.dtype]:
 def flush_denormals(device: torch.device) -> Iterator[None]:
     """On CPU, flush denormal floats to zero for a block, then restore the default (off: the service and the
     calibration scores must not depend on whether training ran in the same process). Far in the tails,
-    exp() underflows into denormals, on which x86 arithmetic is many times slower: a lean 28x28 VampPrior
-    epoch ran at ~110 images/s with them and ~1900 without, to the same weights (measured, README)."""
+    exp() underflows into denormals, on which x86 arithmetic is many times slower (docs/results.md: the same
+    weights, several times the images/s)."""
     enabled = device.type == "cpu" and torch.set_flush_denormal(True)
     try:
         yield

@@ -37,7 +37,7 @@ is calibrated as a whole, so dependence only changes power, never validity.
 Past the reference's extreme a count stops at 1/(m + 1): every input beyond it, a little or a thousand nats,
 would get the same p-value, and the combined score would top out at a few times ln(m + 1). With a small
 reference (the bundled digits: m = 144) that cap sits below what the most unusual calibration images reach, and
-pure noise could never be flagged at alpha = 0.01 (measured: p = 0.0138 for every noise image). So beyond the
+pure noise could never be flagged at alpha = 0.01 (every noise image got the same p-value, above it). So beyond the
 extreme a term continues as an exponential tail (``beyond = "exponential"``, every new artifact):
 p = 1/(m + 1) exp(-excess / s), where s is the mean excess of the reference's most extreme tenth over the value
 just inside it (peaks over a threshold with a generalised Pareto tail of shape 0; Pickands 1975). Inside the

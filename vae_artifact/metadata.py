@@ -44,7 +44,7 @@ NEIGHBOUR_METHODS = {
     "Euclidean, from the posterior mean to the nearest row of latent_bank[N,D]",
 }
 PRIORS = ("standard", "vamp")  # N(0, I); the VampPrior (a uniform mixture of posteriors at pseudo-inputs)
-# Anomaly score kinds, best first (measured in docs/anomaly.md). A writer records the first it computed as
+# Anomaly score kinds, best first (measured: docs/results.md). A writer records the first it computed as
 # ``scoring.default``; a reader that cannot offer an artifact's default (no latent bank, a compressor it cannot
 # reproduce) uses the first of these it can offer, else ``nll``.
 PREFERRED_KINDS = ("fisher-bz2-nn", "fisher-bz2", "nll-minus-bz2")

@@ -22,8 +22,9 @@ class DeviceUnavailable(ArtifactError):
 
 # MKL's strict conditional numerical reproducibility: every matrix product gives the same bits for a row
 # whatever the number of rows beside it (by default, on AVX-512, batches below 16 rows take other kernels).
-# That lets a lone request run at its own size and still match the same row in a full batch. Costs ~0.2 ms
-# on a 1-row 28x28 call; ignored by builds without MKL. MKL reads it once, at the first matrix product.
+# That lets a lone request run at its own size and still match the same row in a full batch, for a fraction of
+# a millisecond on a lone call (docs/results.md); ignored by builds without MKL. MKL reads it once, at the first
+# matrix product.
 CPU_NUMERICS: Dict[str, str] = {"MKL_CBWR": "AUTO,STRICT"}
 
 
@@ -38,8 +39,8 @@ def pin_gpu_numerics() -> None:
     """Full float32 and the same kernel for the same shape on CUDA (process-wide; the service loads one model).
 
     PyTorch lets cuDNN's convolutions use TF32 by default: about 1e-3 relative error, enough to move a served
-    score by hundredths of a nat from what the artifact's calibration and any CPU computes (measured on an
-    H200: the effective sample size 5.679 against 5.681 in float64). Benchmark mode picks an algorithm per
+    score by hundredths of a nat from what the artifact's calibration and any CPU computes (a float64
+    cross-check on a GPU showed it). Benchmark mode picks an algorithm per
     shape by timing, and some algorithms accumulate with atomics: either would let the same request get other
     bits on another run. A VAE's convolutions are small; full precision costs little on a GPU.
     """
@@ -55,9 +56,8 @@ def release_free_memory() -> bool:
     """Hand the C heap's free pages back to the system (glibc's ``malloc_trim``); False where there is none.
 
     Warm-up runs every call size once, up to the largest; glibc keeps what those calls freed, and with
-    several processes per machine that is tens of MB each that no later call may need. Measured: the
-    benchmark's resident memory after its load, two processes, 774-781 MB with a trim after warm-up against
-    800-850 MB without (bench/README.md).
+    several processes per machine that is tens of MB each that no later call may need (the benchmark's memory
+    target is met with the trim and missed without it).
     """
     import ctypes
     import ctypes.util

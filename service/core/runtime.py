@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 Call = Callable[[torch.Tensor], Tuple[torch.Tensor, ...]]  # a model method on one batch, outputs row-first
 
 # Decoded images per score call when not configured. On CPU a call's cost per row grows past a few dozen
-# decodes (28x28 model, K=16, one thread, measured: 125 rows/s at 1 row per call, 140 at 2, 110 at 4 and 8),
-# so small calls keep rows from waiting on each other; on a GPU one call should fill the device.
+# decodes (docs/results.md), so small calls keep rows from waiting on each other; on a GPU one call should
+# fill the device.
 SCORE_DECODES = {"cpu": 32, "cuda": 4096}
 # The artifact's methods as kernels, and ``prior``: z from the caller's noise and mixture components through
 # the artifact's ``sample_prior`` (artifacts whose prior is not N(0, I); /sample draws N(0, I) itself).
@@ -72,7 +72,8 @@ def cpu_call_sizes(largest: int) -> List[int]:
     """The sizes CPU calls run at: every size up to 8 (score calls, K decodes a row, are all at most 8 rows at
     the default K: padding them would cost whole rows of K decodes), then 12, 16 and multiples of 8, and the
     largest. A call is padded by at most 7 rows, and the shapes stay few: oneDNN keeps a primitive per shape
-    (measured: about 6 MB each for the 28x28 decoder's transposed convolutions, 420 MB for all 64 sizes)."""
+    (megabytes each for a 28x28 decoder's transposed convolutions), so every size up to 64 would cost hundreds
+    of MB a process."""
     sizes = set(range(1, 9)) | {12, 16} | set(range(24, largest, 8)) | {largest}
     return sorted(n for n in sizes if n <= largest)
 
