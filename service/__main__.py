@@ -28,6 +28,10 @@ def parse_args(argv: Optional[List[str]]) -> dict:
     parser.add_argument("--queue-limit", type=int)
     parser.add_argument("--log-level")
     parser.add_argument("--processes", type=int, help="server processes behind the port (VAE_PROCESSES)")
+    parser.add_argument("--allow-reload", action="store_true", default=None,
+                        help="allow POST /v1/model/reload and SIGHUP to replace the model in place (VAE_ALLOW_RELOAD)")
+    parser.add_argument("--model-dir", type=Path,
+                        help="the folder reloads may load from (VAE_MODEL_DIR; default: the model's folder)")
     args = parser.parse_args(argv)
     return {k: v for k, v in vars(args).items() if v is not None}
 
@@ -51,6 +55,7 @@ def _supervise(settings: Settings) -> int:
     import os
 
     from service import supervisor
+    from service.core import reloading
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with tempfile.TemporaryDirectory(prefix="vae-metrics-") as metrics_dir:
@@ -59,8 +64,12 @@ def _supervise(settings: Settings) -> int:
         count = settings.server_processes()
         child_settings = settings.model_copy(update={"metrics_dir": Path(metrics_dir), "processes": count})
         sock = supervisor.bind(settings.host, settings.port)
+        # SIGHUP reloads the configured model: recorded for the processes before they are signalled.
+        request = partial(reloading.write, Path(metrics_dir), reloading.REQUEST,
+                          reloading.ModelFile(str(settings.model_path.resolve())))
         return supervisor.Supervisor(partial(supervisor.serve_child, child_settings), sock, count,
-                                     grace_s=settings.grace_period_s, metrics_dir=Path(metrics_dir)).run()
+                                     grace_s=settings.grace_period_s, metrics_dir=Path(metrics_dir),
+                                     reload_request=request).run()
 
 
 if __name__ == "__main__":

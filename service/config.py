@@ -66,12 +66,22 @@ class Settings(BaseSettings):
     # page asks for it and sends it on its own requests); false serves no page and leaves those paths closed.
     ui: bool = True
 
+    # POST /v1/model/reload and SIGHUP replace the served artifact in place (service.api.reload); off unless
+    # enabled. A reload loads only files inside model_dir (default: the configured model's folder).
+    allow_reload: bool = False
+    model_dir: Optional[Path] = None
+
     api_key: Optional[SecretStr] = None  # when set, every non-health endpoint needs X-API-Key
     expected_sha256: Optional[str] = None  # refuse to start unless the artifact file has this sha256
     cors_origins: List[str] = Field(default_factory=list)  # CORS stays off unless origins are listed
     grace_period_s: float = Field(20.0, ge=0.0)  # SIGTERM: time for accepted requests to finish
     # Intra-op threads per model call; default on CPU: usable cores / model_workers (at least 1).
     torch_threads: Optional[int] = Field(None, ge=1)
+
+    @property
+    def reload_dir(self) -> Path:
+        """The folder a reload may load artifacts from."""
+        return self.model_dir if self.model_dir is not None else self.model_path.parent
 
     def server_processes(self) -> int:
         """How many server processes: ``processes``, or the default for this device and machine."""

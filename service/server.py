@@ -8,12 +8,14 @@ import logging
 import signal
 import socket
 import sys
+from pathlib import Path
 from typing import Optional
 
 import uvicorn
 
 from service.app import create_app
 from service.config import Settings
+from service.core import reloading
 from service.core.errors import REFUSED
 from service.core.runtime import ArtifactError, ModelRuntime
 
@@ -43,14 +45,20 @@ class DrainingServer(uvicorn.Server):
 def serve(settings: Settings, sock: Optional[socket.socket] = None) -> int:
     """Serve until SIGTERM; 0 after a clean drain, ``REFUSED`` (2) when the artifact cannot be served."""
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if hasattr(signal, "SIGHUP"):  # a reload asked for while this process still loads: it loads the current model
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # A process started after a reload (a replacement) serves the server's current model, not its first.
+    current = reloading.read(settings.metrics_dir, reloading.CURRENT) if (settings.processes or 1) > 1 else None
+    path, pin = (Path(current.path), current.sha256) if current else (settings.model_path, settings.expected_sha256)
     try:
-        runtime = ModelRuntime(settings.model_path, device=settings.device, buckets=settings.buckets,
-                               max_score_decodes=settings.max_score_decodes, expected_sha256=settings.expected_sha256)
+        runtime = ModelRuntime(path, device=settings.device, buckets=settings.buckets,
+                               max_score_decodes=settings.max_score_decodes, expected_sha256=pin)
     except ArtifactError as exc:
         print(f"vae-serve: cannot serve this model: {exc}", file=sys.stderr)
         return REFUSED
-    log.info("loaded %s on %s (sha256 %s)", settings.model_path, runtime.device, runtime.info.sha256[:12])
+    log.info("loaded %s on %s (sha256 %s)", path, runtime.device, runtime.info.sha256[:12])
     app = create_app(settings, runtime=runtime)
+    del runtime  # the app holds it; a reload must be able to release it
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=settings.grace_period_s, access_log=False)
     DrainingServer(config, app.state.service).run(sockets=[sock] if sock is not None else None)

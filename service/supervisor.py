@@ -26,7 +26,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Callable, List
+from typing import Callable, List, Optional, Set
 
 from service.core.errors import REFUSED
 
@@ -39,24 +39,41 @@ class Supervisor:
     """Runs ``count`` children of ``target(sock)`` on one listening socket until SIGTERM / SIGINT."""
 
     def __init__(self, target: Callable[[socket.socket], None], sock: socket.socket, count: int, *,
-                 grace_s: float, metrics_dir: Path) -> None:
+                 grace_s: float, metrics_dir: Path, reload_request: Optional[Callable[[], None]] = None) -> None:
         if count < 1:
             raise ValueError(f"count must be >= 1, got {count}")
         self.target, self.sock, self.count = target, sock, count
         self.grace_s, self.metrics_dir = grace_s, metrics_dir
+        self.reload_request = reload_request  # records what a SIGHUP to the server asks its processes to load
         self.children: List[multiprocessing.Process] = []
         self.stop = threading.Event()
         self.status = 0
+        self.pending: Set[int] = set()  # reload signals received, passed on by the loop
 
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop.set())
+        # SIGHUP (from outside): reload the configured model; SIGUSR1 (from a server process that took a reload
+        # over HTTP and recorded what to load): pass it on. Either way every server process gets SIGHUP.
+        for sig in (signal.SIGHUP, signal.SIGUSR1):
+            signal.signal(sig, lambda number, _: self.pending.add(number))
         log.info("supervisor %d: starting %d server processes", os.getpid(), self.count)
         self.children = [self._spawn() for _ in range(self.count)]
         while not self.stop.wait(0.2):
+            self._pass_on_reloads()
             self._replace_dead()
         self._shut_down()
         return self.status
+
+    def _pass_on_reloads(self) -> None:
+        while self.pending:
+            number = self.pending.pop()
+            if number == signal.SIGHUP and self.reload_request is not None:
+                self.reload_request()
+            log.info("supervisor %d: passing a reload on to %d server processes", os.getpid(), len(self.children))
+            for child in self.children:
+                if child.is_alive():
+                    os.kill(child.pid, signal.SIGHUP)
 
     def _spawn(self) -> multiprocessing.Process:
         child = multiprocessing.get_context("spawn").Process(target=self.target, args=(self.sock,), daemon=False)

@@ -6,6 +6,11 @@
         frames = vae.interpolate(image_a, image_b, steps=8)
         edits = vae.edit(images, direction="class:3", strengths=[0, 1, 2])  # z' = mu + strength * v
 
+Every result of a model names the artifact that computed it, ``model_sha256`` (the server's X-Model-Sha256):
+``Encoding``, ``Samples``, ``AnomalyResult``, ``Edits``, ``ComputedDirection``, and the ``ImageList`` and
+``PixelArray`` that ``decode`` and friends return (a list and an ndarray with that one attribute more), so
+answers from before and after a reload can be told apart.
+
 Each method is written once, as a generator of steps (a ``_Call`` to send, or seconds to sleep) that builds
 the request and parses the answer; the two classes differ only in ``_drive``, which performs the steps with
 httpx's blocking or async transport. Needs numpy, httpx and Pillow only (no torch).
@@ -28,15 +33,16 @@ import httpx
 import numpy as np
 
 from vae_client._wire import (  # the public names are this module's too
-    NPY, RETRYABLE, AnomalyResult, APIError, BadRequest, ComputedDirection, Direction, Edits, Encoding, Images,
-    Overloaded, ReadyTimeout, Samples, ServerError, Steps, TransportError, Unauthorized, VAEError, _anomaly,
+    NPY, RETRYABLE, AnomalyResult, APIError, BadRequest, ComputedDirection, Direction, Edits, Encoding, ImageList,
+    Images, Overloaded, PixelArray, ReadyTimeout, Samples, ServerError, Steps, TransportError, Unauthorized,
+    VAEError, _anomaly,
     _base64, _Call, _computed, _directions, _edit_body, _edits, _encoding, _image_body, _json, _latents, _pixels,
     _ready, _retry_after, _samples,
 )
 
 __all__ = ["APIError", "AnomalyResult", "AsyncVAEClient", "BadRequest", "ComputedDirection", "Direction", "Edits",
-           "Encoding", "Overloaded", "ReadyTimeout", "Samples", "ServerError", "TransportError", "Unauthorized",
-           "VAEClient", "VAEError"]
+           "Encoding", "ImageList", "Overloaded", "PixelArray", "ReadyTimeout", "Samples", "ServerError",
+           "TransportError", "Unauthorized", "VAEClient", "VAEError"]
 
 
 class _Operations:
@@ -99,11 +105,11 @@ class _Operations:
         return self._send(_Call("POST", "/encode", kwargs, _encoding))
 
     def decode(self, z: Any):
-        """Latents, (D,) or (N, D) -> list of PIL images (8-bit, the model's mode)."""
+        """Latents, (D,) or (N, D) -> ``ImageList`` of PIL images (8-bit, the model's mode)."""
         return self._send(_pixels("/decode", False, json=_latents(z)))
 
     def decode_array(self, z: Any):
-        """Latents -> float32 pixel means in [0, 1], (N, C, H, W)."""
+        """Latents -> ``PixelArray``, float32 pixel means in [0, 1], (N, C, H, W)."""
         return self._send(_pixels("/decode", True, json=_latents(z)))
 
     def sample(self, n: int, *, seed: Optional[int] = None, temperature: float = 1.0):
@@ -154,6 +160,12 @@ class _Operations:
         """Example images with and without an attribute -> ``ComputedDirection`` (its vector goes to ``edit``)."""
         body = {"positive": _base64(positive), "negative": _base64(negative)}
         return self._send(_Call("POST", "/directions/compute", {"json": body}, _computed))
+
+    def reload(self, path: Optional[str] = None):
+        """Have the server serve another artifact (``path`` inside its model directory; None: its configured
+        file again) -> dict: sha256, previous_sha256, processes. Never retried: a reload is not idempotent."""
+        return self._send(_Call("POST", "/v1/model/reload", {} if path is None else {"json": {"path": path}}, _json),
+                          retries=0)
 
     def model_info(self):
         """The served artifact (dict): device, sha256, image shape, latent_dim, score_k, metadata."""

@@ -61,6 +61,7 @@ class Encoding:
     logvar: np.ndarray  # (N, D) float32
     z: Optional[np.ndarray] = None  # (N, D) float32 posterior sample, with encode(sample=True)
     seed: Optional[int] = None  # the seed z was drawn with
+    model_sha256: Optional[str] = None  # the artifact that answered (X-Model-Sha256)
 
 
 @dataclass
@@ -68,6 +69,7 @@ class Samples:
     images: List[Image.Image]
     z: np.ndarray  # (n, D) float32 prior draws the images decode
     seed: int
+    model_sha256: Optional[str] = None  # the artifact that answered (X-Model-Sha256)
 
 
 @dataclass
@@ -91,6 +93,7 @@ class AnomalyResult:
     score: str  # the score kind: nll, or nll-minus-<compressor>
     k: int  # importance samples used
     calibration: Dict[str, Any]  # calibrated, n, k (the calibration's), alpha, tail, threshold_nats
+    model_sha256: Optional[str] = None  # the artifact that answered: its calibration made the p-values
 
 
 @dataclass
@@ -112,6 +115,7 @@ class Edits:
     strengths: np.ndarray  # (S,) float64, raw latent units of the vector
     z: np.ndarray  # (N, S, D) float32: z' = mu + strength * vector per input and strength
     images: List[List[Image.Image]]  # images[input][strength]
+    model_sha256: Optional[str] = None  # the artifact that answered (X-Model-Sha256)
 
 
 @dataclass
@@ -123,6 +127,27 @@ class ComputedDirection:
     n_pos: int
     n_neg: int
     auroc: Optional[float]  # on held-out examples; None with fewer than 2 on a side
+    model_sha256: Optional[str] = None  # the artifact whose latent space it is in
+
+
+class ImageList(list):
+    """A list of PIL images, and the sha256 of the artifact that made them (``model_sha256``)."""
+
+    model_sha256: Optional[str] = None
+
+
+class PixelArray(np.ndarray):
+    """A float32 array of pixel means, and the sha256 of the artifact that computed it (``model_sha256``)."""
+
+    model_sha256: Optional[str] = None
+
+    def __array_finalize__(self, obj: Any) -> None:
+        self.model_sha256 = getattr(obj, "model_sha256", None)
+
+
+def model_sha256(response: httpx.Response) -> Optional[str]:
+    """The artifact that answered, as the server names it; None from a server that does not."""
+    return response.headers.get("x-model-sha256")
 
 
 # AnomalyResult's per-image float columns: what _anomaly reads from every row of the response.
@@ -190,22 +215,33 @@ def _pngs(items: List[str]) -> List[Image.Image]:
     return images
 
 
-def _images(response: httpx.Response) -> List[Image.Image]:
-    return _pngs(_json(response)["images"])
+def _images(response: httpx.Response) -> ImageList:
+    images = ImageList(_pngs(_json(response)["images"]))
+    images.model_sha256 = model_sha256(response)
+    return images
+
+
+def _pixel_array(response: httpx.Response) -> PixelArray:
+    pixels = _npy(response).view(PixelArray)
+    pixels.model_sha256 = model_sha256(response)
+    return pixels
 
 
 def _encoding(response: httpx.Response) -> Encoding:
     if response.headers.get("content-type", "").startswith(NPY):
         stacked = _npy(response)  # (N, 2, D): mu and logvar stacked
-        return Encoding(np.ascontiguousarray(stacked[:, 0]), np.ascontiguousarray(stacked[:, 1]))
+        return Encoding(np.ascontiguousarray(stacked[:, 0]), np.ascontiguousarray(stacked[:, 1]),
+                        model_sha256=model_sha256(response))
     body = _json(response)
     z = None if body["z"] is None else np.asarray(body["z"], dtype=np.float32)
-    return Encoding(np.asarray(body["mu"], np.float32), np.asarray(body["logvar"], np.float32), z, body["seed"])
+    return Encoding(np.asarray(body["mu"], np.float32), np.asarray(body["logvar"], np.float32), z, body["seed"],
+                    model_sha256(response))
 
 
 def _samples(response: httpx.Response) -> Samples:
     body = _json(response)
-    return Samples(_pngs(body["images"]), np.asarray(body["z"], dtype=np.float32), body["seed"])
+    return Samples(_pngs(body["images"]), np.asarray(body["z"], dtype=np.float32), body["seed"],
+                   model_sha256(response))
 
 
 def _anomaly(response: httpx.Response) -> AnomalyResult:
@@ -216,7 +252,7 @@ def _anomaly(response: httpx.Response) -> AnomalyResult:
     flags = [r["is_anomaly"] for r in rows]
     is_anomaly = None if None in flags else np.array(flags, dtype=bool)
     return AnomalyResult(**columns, is_anomaly=is_anomaly, score=body["score"], k=body["k"],
-                         calibration=body["calibration"])
+                         calibration=body["calibration"], model_sha256=model_sha256(response))
 
 
 def _directions(response: httpx.Response) -> List[Direction]:
@@ -230,13 +266,13 @@ def _edits(response: httpx.Response) -> Edits:
     return Edits(np.asarray(body["strengths"], np.float64),
                  np.asarray([row["z"] for row in body["edits"]], np.float32).reshape(len(body["edits"]),
                                                                                      len(body["strengths"]), -1),
-                 [_pngs(row["images"]) for row in body["edits"]])
+                 [_pngs(row["images"]) for row in body["edits"]], model_sha256(response))
 
 
 def _computed(response: httpx.Response) -> ComputedDirection:
     body = _json(response)
     return ComputedDirection(np.asarray(body["vector"], np.float64), body["norm"], body["n_pos"], body["n_neg"],
-                             body["auroc"])
+                             body["auroc"], model_sha256(response))
 
 
 def _png_files(images: Images) -> List[bytes]:
@@ -310,4 +346,4 @@ def _pixels(url: str, array: bool, **kwargs: Any) -> _Call:
     """/decode, /sample, /interpolate: base64 PNGs in JSON, or with ``array`` float32 pixel means as npy."""
     if array:
         kwargs["headers"] = {**kwargs.get("headers", {}), "Accept": NPY}
-    return _Call("POST", url, kwargs, _npy if array else _images)
+    return _Call("POST", url, kwargs, _pixel_array if array else _images)

@@ -1,17 +1,20 @@
 """What routes receive: the service state and, for model endpoints, the checked call (readiness, deadline).
 The API key is checked before any route, for every path (service.api.middleware.ApiKeyRequired)."""
 
+import asyncio
 import math
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Annotated, Optional
+from typing import Annotated, Awaitable, Callable, Hashable, Optional
+
+import numpy as np
 
 from fastapi import Depends, Request
 from fastapi.exceptions import RequestValidationError
 
 from service.config import Settings
-from service.core.batching import Batcher
+from service.core.batching import Batcher, Outputs
 from service.core.errors import ModelNotReady
 from service.core.metrics import Metrics, processes_ready
 from service.core.served import ServedModel
@@ -27,6 +30,8 @@ class ServiceState:
     failed: Optional[str] = None  # why the model can never become ready (e.g. warm-up crashed)
     draining: bool = False
     started: float = field(default_factory=time.monotonic)
+    reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one reload at a time (service.api.reload)
+    retired: Optional[Callable[[], object]] = None  # a weak reference to the model the last reload replaced
 
     @property
     def ready(self) -> bool:
@@ -60,9 +65,11 @@ class ModelCall:
     def settings(self) -> Settings:
         return self.state.settings
 
-    @property
-    def batcher(self) -> Batcher:
-        return self.state.batcher
+    def submit(self, kernel: str, rows: np.ndarray, params: Hashable = None, *,
+               abandoned: Optional[Awaitable] = None) -> Awaitable[Outputs]:
+        """This request's rows to the batcher: computed by the request's model, before its deadline."""
+        return self.state.batcher.submit(kernel, rows, params, deadline=self.deadline, abandoned=abandoned,
+                                         runner=self.model.runtime)
 
 
 # X-Request-Timeout's range. Below a millisecond a deadline has passed before the body is read: the request
@@ -95,7 +102,9 @@ async def model_call(request: Request) -> ModelCall:
     header = request.headers.get("x-request-timeout")
     if header is not None:
         timeout = min(timeout, _request_timeout(header))
-    return ModelCall(state, state.model, time.monotonic() + timeout)
+    model = state.model  # read once: this request is answered by this model, whatever reloads meanwhile
+    request.state.model_sha256 = model.info.sha256  # for X-Model-Sha256 (service.api.middleware.ModelHeader)
+    return ModelCall(state, model, time.monotonic() + timeout)
 
 
 def _request_timeout(value: str) -> float:

@@ -18,6 +18,8 @@ from service.api.responses import JSONResponse
 from service.core.batching import Abandoned, BatchFailed, BatcherStopped, DeadlineExceeded, QueueFull
 from service.core.errors import (InvalidInput, InvalidTensor, MalformedBody, ModelNotReady, RequestTooLarge,
                                  UnknownModel, UnsupportedMediaType)
+from service.core.reloading import (ArtifactNotFound, PathNotAllowed, ReloadDisabled, ReloadIncomplete,
+                                    ReloadInProgress)
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,8 @@ def is_protocol_path(path: str) -> bool:
     return path == "/v2" or path.startswith("/v2/")
 
 
-_STATUS = {UnsupportedMediaType: 415, RequestTooLarge: 413, MalformedBody: 400, InvalidTensor: 400}
+_STATUS = {UnsupportedMediaType: 415, RequestTooLarge: 413, MalformedBody: 400, InvalidTensor: 400,
+           ReloadDisabled: 403, PathNotAllowed: 403, ArtifactNotFound: 404}
 
 
 def install_handlers(app: FastAPI) -> None:
@@ -90,6 +93,14 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(BatcherStopped)
     async def _stopped(request: Request, exc: BatcherStopped) -> JSONResponse:
         return error_response(503, "shutting_down", str(exc), headers={"Retry-After": "1"}, path=request.url.path)
+
+    @app.exception_handler(ReloadInProgress)
+    async def _reload_in_progress(request: Request, exc: ReloadInProgress) -> JSONResponse:
+        return error_response(409, "reload_in_progress", str(exc), path=request.url.path)
+
+    @app.exception_handler(ReloadIncomplete)
+    async def _reload_incomplete(request: Request, exc: ReloadIncomplete) -> JSONResponse:
+        return error_response(503, "reload_incomplete", str(exc), headers={"Retry-After": "5"}, path=request.url.path)
 
     @app.exception_handler(BatchFailed)
     async def _batch_failed(request: Request, exc: BatchFailed) -> JSONResponse:

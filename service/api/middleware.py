@@ -42,6 +42,31 @@ class RequestMetrics:
             self.metrics.request_seconds.labels(*labels).observe(time.perf_counter() - started)
 
 
+MODEL_HEADER = b"x-model-sha256"
+
+
+class ModelHeader:
+    """``X-Model-Sha256`` on every answer of a request that a model took on: the sha256 of the artifact that
+    answered it (``ModelCall`` records it when it reads the model), so a client can tell the answers of two
+    models apart across a reload."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_model(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                sha256 = scope.get("state", {}).get("model_sha256")
+                if sha256 is not None:
+                    message = {**message, "headers": [*message.get("headers", []), (MODEL_HEADER, sha256.encode())]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_model)
+
+
 class InFlightLimit:
     """At most ``limit`` model requests in flight; the next get 503 + Retry-After before their body is read.
 

@@ -7,7 +7,7 @@ the server accepts, and one that violates the document is one the server refuses
 """
 
 import copy
-from typing import Iterable, List
+from typing import Dict, Iterable, List
 
 from fastapi import FastAPI
 
@@ -19,14 +19,17 @@ def install(app: FastAPI) -> None:
     """Make ``app.openapi()``, which /openapi.json and /docs serve, return ``constrain``'s document once the
     lifespan has loaded the model; before that (``create_app().openapi()`` in a test) FastAPI's own."""
     generic = app.openapi  # FastAPI's: builds the document from the routes once, then caches it
-    constrained: List[dict] = []
+    constrained: Dict[str, dict] = {}  # per served model: a reload may change the latent size and the kinds
 
     def openapi() -> dict:
-        state = app.state.service
-        if not constrained and state.model is not None:
-            constrained.append(constrain(generic(), state.settings, state.model.info.latent_dim,
-                                         state.model.score_kinds.kinds))
-        return constrained[0] if constrained else generic()
+        model = app.state.service.model
+        if model is None:
+            return generic()
+        if model.info.sha256 not in constrained:
+            constrained.clear()
+            constrained[model.info.sha256] = constrain(generic(), app.state.service.settings, model.info.latent_dim,
+                                                       model.score_kinds.kinds)
+        return constrained[model.info.sha256]
 
     app.openapi = openapi
 

@@ -135,6 +135,19 @@ class ModelOut(BaseModel):
     metadata: Dict[str, Any] = Field(description="The artifact's metadata.json, calibration scores left out.")
 
 
+class ReloadIn(BaseModel):
+    model_config = _STRICT
+    path: Optional[str] = Field(None, max_length=4096, description=(
+        "The artifact to serve, inside the model directory (VAE_MODEL_DIR; a relative path is taken inside it). "
+        "Without it: the configured model path again, e.g. after the file there was replaced."))
+
+
+class ReloadOut(BaseModel):
+    sha256: str = Field(description="The artifact every server process serves now.")
+    previous_sha256: str = Field(description="The one the process that took the request served before.")
+    processes: int = Field(description="Server processes serving sha256 (all of them).")
+
+
 class Status(BaseModel):
     status: str
 

@@ -19,7 +19,8 @@ async def score_images(batcher: Batcher, model: ServedModel, images: np.ndarray,
     """Per image, the /anomaly-score row of ``kind`` at ``k`` samples; and the calibration summary."""
     # A kind that tests the latent bank gets each row's distance from the same batch call as its score.
     params = ScoreCall(k, neighbours=True) if kind.needs_neighbours else k
-    scored = batcher.submit("score", images, params=params, deadline=deadline, abandoned=abandoned)
+    scored = batcher.submit("score", images, params=params, deadline=deadline, abandoned=abandoned,
+                            runner=model.runtime)
     if kind.compressor is None:
         out, bits = await scored, None
     else:  # compress on another thread while the model works

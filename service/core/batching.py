@@ -1,12 +1,12 @@
 """Dynamic batching: rows from concurrent requests share model calls, one queue per kernel.
 
-Contract of ``Batcher.submit(kernel, rows, params, deadline)`` over a ``Runner`` (the model runtime): it
-returns a dict of arrays with exactly ``len(rows)`` rows each, in order, or raises ``QueueFull`` (nothing was
-enqueued), ``DeadlineExceeded`` (rows expired before compute), ``BatcherStopped`` or the model's own exception
-(only the requests of that batch see it). Rows, not requests, are the unit: a request is split into pieces of at most the kernel's
-row limit, pieces of many requests are coalesced up to that limit or until ``max_delay_s`` has passed
-since the first row of the batch arrived, and rows with different ``params`` (e.g. the score's K) never
-share a call. Model calls run on ``workers`` threads (one per CPU core on CPU, one per GPU), never on
+Contract of ``Batcher.submit(kernel, rows, params, deadline, runner=...)`` over a ``Runner`` (a model
+runtime): it returns a dict of arrays with exactly ``len(rows)`` rows each, in order, or raises ``QueueFull``
+(nothing was enqueued), ``DeadlineExceeded`` (rows expired before compute), ``BatcherStopped`` or the model's
+own exception (only the requests of that batch see it). Rows, not requests, are the unit: a request is split
+into pieces of at most the kernel's row limit, pieces of many requests are coalesced up to that limit or until
+``max_delay_s`` has passed since the first row of the batch arrived, and rows with different ``params`` (e.g.
+the score's K) or for different runners (the model before and after a reload) never share a call. Model calls run on ``workers`` threads (one per CPU core on CPU, one per GPU), never on
 the event loop. A batch is formed when a worker is free: it takes every waiting row of its kernel up to the
 limit, so batches grow by themselves while the workers are busy and a lone request on an idle server is
 computed at once. ``max_delay_s`` > 0 additionally holds a batch open that long after its first row arrived
@@ -74,13 +74,18 @@ class BatchFailed(Exception):
 class _Item:
     rows: np.ndarray
     params: Hashable
+    runner: Runner
     future: asyncio.Future
     deadline: float
     enqueued: float = field(default_factory=time.monotonic)
 
+    def joins(self, first: "_Item") -> bool:
+        """Whether these rows may share ``first``'s call: the same parameters on the same model."""
+        return self.params == first.params and self.runner is first.runner
+
 
 class Batcher:
-    def __init__(self, runner: Runner, *, kernels: Sequence[str], max_delay_s: float, queue_limit: int,
+    def __init__(self, runner: Optional[Runner], *, kernels: Sequence[str], max_delay_s: float, queue_limit: int,
                  metrics: Metrics, workers: int = 1) -> None:
         if max_delay_s < 0:
             raise ValueError(f"max_delay_s must be >= 0, got {max_delay_s}")
@@ -132,12 +137,17 @@ class Batcher:
 
     # -- submission ----------------------------------------------------------------------------
     async def submit(self, kernel: str, rows: np.ndarray, params: Hashable = None,
-                     deadline: Optional[float] = None, abandoned: Optional[Awaitable] = None) -> Outputs:
-        """Rows in, outputs out (see the module docstring). If ``abandoned`` (e.g. "the client hung up")
-        completes first, the rows are withdrawn, never computed, and ``Abandoned`` is raised."""
+                     deadline: Optional[float] = None, abandoned: Optional[Awaitable] = None,
+                     runner: Optional[Runner] = None) -> Outputs:
+        """Rows in, outputs out (see the module docstring), computed by ``runner`` (default: the batcher's). If
+        ``abandoned`` (e.g. "the client hung up") completes first, the rows are withdrawn, never computed, and
+        ``Abandoned`` is raised."""
+        runner = runner or self._runner
+        if runner is None:
+            raise ValueError("submit needs a runner: this batcher has no default one")
         if abandoned is None:
-            return await self._submit(kernel, rows, params, deadline)
-        work = asyncio.ensure_future(self._submit(kernel, rows, params, deadline))
+            return await self._submit(kernel, rows, params, deadline, runner)
+        work = asyncio.ensure_future(self._submit(kernel, rows, params, deadline, runner))
         watch = asyncio.ensure_future(abandoned)
         try:
             await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
@@ -150,7 +160,8 @@ class Batcher:
             work.cancel()
             watch.cancel()
 
-    async def _submit(self, kernel: str, rows: np.ndarray, params: Hashable, deadline: Optional[float]) -> Outputs:
+    async def _submit(self, kernel: str, rows: np.ndarray, params: Hashable, deadline: Optional[float],
+                      runner: Runner) -> Outputs:
         if self._stopped or not self._tasks:
             raise BatcherStopped("the model is not serving")
         n = len(rows)
@@ -160,10 +171,10 @@ class Batcher:
             self._metrics.rejections.labels("queue_full").inc()
             raise QueueFull(kernel, self.retry_after(kernel))
         deadline = math.inf if deadline is None else deadline
-        step = self._runner.max_rows(kernel, params)
+        step = runner.max_rows(kernel, params)
         loop = asyncio.get_running_loop()
         # Futures exist before their items are queued, so no result can arrive unobserved.
-        items = [_Item(rows[i:i + step], params, loop.create_future(), deadline) for i in range(0, n, step)]
+        items = [_Item(rows[i:i + step], params, runner, loop.create_future(), deadline) for i in range(0, n, step)]
         self._queues[kernel].extend(items)
         self._set_depth(kernel, self._waiting_rows[kernel] + n)
         self._wakeups[kernel].set()
@@ -216,18 +227,18 @@ class Batcher:
         if not queue:
             return []
         first = queue[0]
-        limit = self._runner.max_rows(kernel, first.params)
+        limit = first.runner.max_rows(kernel, first.params)
         close_at = first.enqueued + self._delay  # the delay starts at the first row, not at this call
         batch: List[_Item] = []
         rows = 0
         while True:
-            while queue and queue[0].params == first.params and rows + len(queue[0].rows) <= limit:
+            while queue and queue[0].joins(first) and rows + len(queue[0].rows) <= limit:
                 item = queue.popleft()
                 self._set_depth(kernel, self._waiting_rows[kernel] - len(item.rows))
                 if self._admit(item):
                     batch.append(item)
                     rows += len(item.rows)
-            head_blocked = bool(queue) and (queue[0].params != first.params or rows + len(queue[0].rows) > limit)
+            head_blocked = bool(queue) and (not queue[0].joins(first) or rows + len(queue[0].rows) > limit)
             remaining = close_at - time.monotonic()
             if rows >= limit or head_blocked or remaining <= 0:
                 return batch
@@ -255,7 +266,8 @@ class Batcher:
             self._metrics.queue_wait.labels(kernel).observe(started - item.enqueued)
         sizes = [len(item.rows) for item in batch]
         try:
-            outputs = await self.run_in_worker(self._call, kernel, [item.rows for item in batch], params)
+            outputs = await self.run_in_worker(self._call, batch[0].runner, kernel, [item.rows for item in batch],
+                                               params)
         except asyncio.CancelledError:  # stop() while this batch ran: its callers must still hear back
             for item in batch:
                 if not item.future.done():
@@ -280,9 +292,10 @@ class Batcher:
                 item.future.set_result({name: value[offset:offset + size] for name, value in outputs.items()})
             offset += size
 
-    def _call(self, kernel: str, pieces: List[np.ndarray], params: Hashable) -> Outputs:
+    @staticmethod
+    def _call(runner: Runner, kernel: str, pieces: List[np.ndarray], params: Hashable) -> Outputs:
         rows = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
-        outputs = self._runner.run(kernel, rows, params)
+        outputs = runner.run(kernel, rows, params)
         bad = {name: len(v) for name, v in outputs.items() if len(v) != len(rows)}
         if bad:
             raise RuntimeError(f"{kernel} returned {bad} rows for {len(rows)} inputs")

@@ -18,6 +18,8 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 
 READY_GAUGE = "vae_process_ready"  # per process (multiprocess_mode liveall): 1 when that process is ready
+MODEL_GAUGE = "vae_process_model"  # per process: 1 for the sha256 of the artifact that process serves
+RELOAD_OUTCOMES = ("switched", "unchanged", "refused", "failed")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 REJECTION_REASONS = ("queue_full", "overloaded", "deadline", "disconnected", "too_large", "unauthorized")
@@ -66,13 +68,26 @@ class Metrics:
         self.process_ready = Gauge(READY_GAUGE, "1 when this server process is warm and not draining.", registry=r,
                                    multiprocess_mode="liveall")
         self.model_info = Gauge(
-            "vae_model_info", "The served artifact (value is always 1).", ["version", "sha256", "device"], registry=r,
+            "vae_model_info", "1 for the artifact served now, 0 for one a reload replaced.", ["version", "sha256", "device"], registry=r,
             multiprocess_mode="livemax",
         )
+        self.process_model = Gauge(MODEL_GAUGE, "1 for the artifact this server process serves now.", ["sha256"],
+                                   registry=r, multiprocess_mode="liveall")
+        self.reloads = Counter("vae_reloads", "Model reloads in this process, by outcome.", ["outcome"], registry=r)
+        for outcome in RELOAD_OUTCOMES:
+            self.reloads.labels(outcome)
         self.gpu_memory = Gauge(
             "vae_gpu_memory_bytes", "CUDA memory of the serving device.", ["device", "kind"], registry=r,
             multiprocess_mode="livesum",
         )
+
+    def serving(self, info, device: str, previous=None) -> None:
+        """The served artifact, in both gauges: ``info`` (a runtime's ModelInfo) now, ``previous`` no more."""
+        if previous is not None:
+            self.model_info.labels(previous.version, previous.sha256, device).set(0)
+            self.process_model.labels(previous.sha256).set(0)
+        self.model_info.labels(info.version, info.sha256, device).set(1)
+        self.process_model.labels(info.sha256).set(1)
 
     def set_ready(self, ready: bool) -> None:
         """This process's readiness, in both gauges (the server's is their minimum over processes)."""
@@ -94,6 +109,14 @@ def processes_ready(expected: int, metrics_dir: Path) -> bool:
     ready = sum(1 for metric in registry.collect() if metric.name == READY_GAUGE
                 for sample in metric.samples if sample.value == 1 and _alive(int(sample.labels["pid"])))
     return ready >= expected
+
+
+def processes_serving(sha256: str, metrics_dir: Path) -> int:
+    """How many live server processes serve the artifact ``sha256``, from the multiprocess metric files."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(metrics_dir))
+    return sum(1 for metric in registry.collect() if metric.name == MODEL_GAUGE for sample in metric.samples
+               if sample.value == 1 and sample.labels.get("sha256") == sha256 and _alive(int(sample.labels["pid"])))
 
 
 def _alive(pid: int) -> bool:

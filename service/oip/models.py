@@ -234,12 +234,14 @@ def _score_parameters(served: ServedModel, limits: Settings, given: Parameters) 
 # -- running --------------------------------------------------------------------------------------------------
 async def _encode(batcher: Batcher, served: ServedModel, arrays: Dict[str, np.ndarray], params: None,
                   deadline: float, abandoned: Awaitable) -> Tuple[Dict[str, np.ndarray], Parameters]:
-    return await batcher.submit("encode", arrays["images"], deadline=deadline, abandoned=abandoned), {}
+    return await batcher.submit("encode", arrays["images"], deadline=deadline, abandoned=abandoned,
+                                runner=served.runtime), {}
 
 
 async def _decode(batcher: Batcher, served: ServedModel, arrays: Dict[str, np.ndarray], params: None,
                   deadline: float, abandoned: Awaitable) -> Tuple[Dict[str, np.ndarray], Parameters]:
-    return await batcher.submit("decode", arrays["z"], deadline=deadline, abandoned=abandoned), {}
+    return await batcher.submit("decode", arrays["z"], deadline=deadline, abandoned=abandoned,
+                                runner=served.runtime), {}
 
 
 async def _score(batcher: Batcher, served: ServedModel, arrays: Dict[str, np.ndarray], params: ScoreParams,

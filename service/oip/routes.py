@@ -142,10 +142,12 @@ async def infer(request: Request, call: Model, name: ModelName) -> Response:
             request.headers.get("content-encoding"))
     prepared = protocol.prepare(*args) if small else await run_in_threadpool(protocol.prepare, *args)
     deadline = protocol.deadline(call.deadline, prepared.request.parameters)
-    arrays, parameters = await model.run(call.batcher, call.model, prepared.arrays, prepared.parameters, deadline,
+    arrays, parameters = await model.run(call.state.batcher, call.model, prepared.arrays, prepared.parameters, deadline,
                                          client_gone(request))
     outputs = {output: arrays[output] for output in prepared.outputs}
-    args = (name, protocol.VERSION, prepared.request, outputs, parameters)
+    # model_version: the artifact that answered (as X-Model-Sha256 and /v1/model say), so a client can tell the
+    # answers of two models apart across a reload; the routes' version stays "1".
+    args = (name, call.model.info.sha256, prepared.request, outputs, parameters)
     if sum(array.nbytes for array in outputs.values()) <= INLINE_BYTES:
         content, json_length = encode_response(*args)
     else:

@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.helpers import train_artifact
 from tests.reliability.live_server import live_server
 
 try:
@@ -284,3 +285,35 @@ def test_dropped_files_a_bad_one_gets_the_servers_message_and_the_rest_still_wor
     assert_model_pixels(page.get_by_role("img", name="Reconstruction of blank.png"), SCALE)
     expect(page.locator("#images-status")).to_contain_text("1 of 2 image(s) failed")
     assert page.errors == []
+
+
+def test_the_page_says_when_the_model_was_replaced(digits_artifact, browser: Browser, tmp_path_factory):
+    """A reload between two actions: the next answer names another model, the page says so and shows its card."""
+    models = tmp_path_factory.mktemp("ui-reload")
+    shutil.copyfile(digits_artifact, models / "first.ts")
+    other = train_artifact(tmp_path_factory, "ui-other", ["--data", "digits", "--device", "cpu", "--epochs", "2",
+                                                          "--seed", "5", "--eval-k", "16", "--no-report", "--quiet"])
+    shutil.copyfile(other, models / "second.ts")
+    with live_server(models / "first.ts", tmp_path_factory.mktemp("ui-reload-server"), api_key=KEY, processes=1,
+                     allow_reload="true") as live:
+        context = browser.new_context(viewport={"width": 1200, "height": 900})
+        context.set_default_timeout(TIMEOUT_MS)
+        page = context.new_page()
+        errors = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(live.url + "/")
+        page.get_by_role("textbox", name="API key").fill(KEY)
+        page.get_by_role("button", name="Use key").click()
+        first = httpx.get(live.url + "/v1/model", headers={"x-api-key": KEY}).json()["sha256"]
+        expect(page.locator("#model-card")).to_contain_text(first[:12])
+        expect(page.locator("#model-notice")).to_be_hidden()
+        swapped = httpx.post(live.url + "/v1/model/reload", json={"path": "second.ts"}, headers={"x-api-key": KEY},
+                             timeout=120).json()
+        assert swapped["previous_sha256"] == first and swapped["sha256"] != first
+        page.get_by_role("button", name="Draw samples").click()
+        notice = page.locator("#model-notice")
+        expect(notice).to_be_visible()
+        expect(notice).to_contain_text(swapped["sha256"][:12])
+        expect(page.locator("#model-card")).to_contain_text(swapped["sha256"][:12])
+        assert errors == []
+        context.close()

@@ -37,6 +37,6 @@ async def anomaly_score(
     if k > call.settings.max_k:
         raise RequestTooLarge(f"k={k} is over the limit of {call.settings.max_k}")
     images = await read_images(request, model.image_spec, call.settings)
-    rows, summary = await score_images(call.batcher, model, images, kind, k=k, alpha=alpha, tail=tail,
+    rows, summary = await score_images(call.state.batcher, model, images, kind, k=k, alpha=alpha, tail=tail,
                                        deadline=call.deadline, abandoned=client_gone(request))
     return JSONResponse({"score": kind.name, "k": k, "scores": rows, "calibration": summary})

@@ -50,7 +50,7 @@ async def edit(
 ) -> Response:
     """Images (their posterior means) or latents, moved along a direction and decoded at each strength:
     z' = mu + strength * vector (npy: float32 pixel means (N, S, C, H, W))."""
-    model, batcher, deadline = call.model, call.batcher, call.deadline
+    model = call.model
     info, section, max_rows = model.info, model.runtime.metadata.directions, call.settings.max_rows
     if media_type(request) == "application/json":
         if direction is not None or strength is not None:
@@ -65,16 +65,16 @@ async def edit(
             mu = latents(body.z, info.latent_dim, max_rows)
         else:
             images = await decode_base64(body.images, model.image_spec, max_rows, call.settings.max_request_pixels)
-            mu = (await batcher.submit("encode", images, deadline=deadline, abandoned=client_gone(request)))["mu"]
+            mu = (await call.submit("encode", images, abandoned=client_gone(request)))["mu"]
     else:
         steps = editing.strengths(strength, STRENGTHS)
         v = editing.vector(section, direction, None, info.latent_dim)
         images = await read_images(request, model.image_spec, call.settings)
         editing.check_rows(len(images), len(steps), max_rows)
-        mu = (await batcher.submit("encode", images, deadline=deadline, abandoned=client_gone(request)))["mu"]
+        mu = (await call.submit("encode", images, abandoned=client_gone(request)))["mu"]
     z = editing.edited(mu, v, steps)  # (N, S, D)
     n, s, d = z.shape
-    out = await batcher.submit("decode", z.reshape(n * s, d), deadline=deadline, abandoned=client_gone(request))
+    out = await call.submit("decode", z.reshape(n * s, d), abandoned=client_gone(request))
     pixels = out["pixels"].reshape(n, s, *out["pixels"].shape[1:])  # (N * S, C, H, W) -> (N, S, C, H, W)
     if wants_npy(request):
         return Response(await run_in_threadpool(codecs.encode_npy, pixels), media_type=NPY)
@@ -88,6 +88,6 @@ async def compute_direction(request: Request, call: Model) -> JSONResponse:
     groups = await read_image_groups(request, call.model.image_spec, ExamplesIn, ("positive", "negative"),
                                      call.settings)
     images = np.concatenate([groups["positive"], groups["negative"]])
-    mu = (await call.batcher.submit("encode", images, deadline=call.deadline, abandoned=client_gone(request)))["mu"]
+    mu = (await call.submit("encode", images, abandoned=client_gone(request)))["mu"]
     n_pos = len(groups["positive"])
     return JSONResponse(await run_in_threadpool(editing.computed, mu[:n_pos], mu[n_pos:]))

@@ -29,7 +29,7 @@ async def encode(
 ) -> Response:
     """Images -> posterior mean and log-variance per image (npy: (N, 2, D) stacked mu, logvar)."""
     images = await read_images(request, call.model.image_spec, call.settings)
-    out = await call.batcher.submit("encode", images, deadline=call.deadline, abandoned=client_gone(request))
+    out = await call.submit("encode", images, abandoned=client_gone(request))
     if wants_npy(request):
         return Response(codecs.encode_npy(np.stack([out["mu"], out["logvar"]], axis=1)), media_type=NPY)
     body = {"mu": out["mu"].tolist(), "logvar": out["logvar"].tolist(), "z": None, "seed": None}
@@ -44,7 +44,7 @@ async def decode(request: Request, call: Model) -> Response:
     """Latent vectors -> images (base64 PNG in JSON, or float32 pixel means as npy)."""
     body = await read_json(request, LatentsIn)
     z = latents(body.z, call.model.info.latent_dim, call.settings.max_rows)
-    out = await call.batcher.submit("decode", z, deadline=call.deadline, abandoned=client_gone(request))
+    out = await call.submit("decode", z, abandoned=client_gone(request))
     return await images_response(request, out["pixels"], z)
 
 
@@ -60,8 +60,8 @@ async def sample(request: Request, call: Model) -> Response:
         z = latent.prior_sample(body.n, dim, seed, body.temperature)
     else:  # a mixture: noise and components from the seed here, z from the artifact's own sampler
         rows = latent.mixture_noise(body.n, dim, prior.components, seed, body.temperature)
-        z = (await call.batcher.submit("prior", rows, deadline=call.deadline, abandoned=client_gone(request)))["z"]
-    out = await call.batcher.submit("decode", z, deadline=call.deadline, abandoned=client_gone(request))
+        z = (await call.submit("prior", rows, abandoned=client_gone(request)))["z"]
+    out = await call.submit("decode", z, abandoned=client_gone(request))
     return await images_response(request, out["pixels"], z, seed=seed)
 
 
@@ -81,7 +81,7 @@ async def interpolate(
     # latent ends far enough inside float32, but the posterior means of image ends are not bounded by it.
     if not np.isfinite(path).all():
         raise InvalidInput("the path between these ends leaves the float32 range")
-    out = await call.batcher.submit("decode", path, deadline=call.deadline, abandoned=client_gone(request))
+    out = await call.submit("decode", path, abandoned=client_gone(request))
     return await images_response(request, out["pixels"], path)
 
 
@@ -98,5 +98,4 @@ async def _end_latents(request: Request, call: ModelCall) -> np.ndarray:
         images = await read_images(request, call.model.image_spec, call.settings, max_rows=2)
     if len(images) != 2:
         raise InvalidInput(f"interpolation needs exactly two images, got {len(images)}")
-    return (await call.batcher.submit("encode", images, deadline=call.deadline,
-                                      abandoned=client_gone(request)))["mu"]
+    return (await call.submit("encode", images, abandoned=client_gone(request)))["mu"]

@@ -1,13 +1,16 @@
-"""Health, readiness, metrics and model metadata: cheap, never queued. The probes need no API key; /metrics and
-/v1/model need it when the server has one (/metrics not with VAE_METRICS_PUBLIC), see ApiKeyRequired."""
+"""Health, readiness, metrics, model metadata and reload. All but the reload are cheap and never queued. The
+probes need no API key; the rest need it when the server has one (/metrics not with VAE_METRICS_PUBLIC), see
+ApiKeyRequired."""
 
-from fastapi import APIRouter, Response
-from service.api.responses import JSONResponse
+from fastapi import APIRouter, Request, Response
 
+from service.api import reload as reloading
 from service.api.deps import State
+from service.api.inputs import json_body, read_json
+from service.api.responses import JSONResponse
 from service.api.routing import ProbeRoute
+from service.api.schemas import ErrorResponse, ModelOut, ReloadIn, ReloadOut, Status
 from service.core.metrics import CONTENT_TYPE
-from service.api.schemas import ErrorResponse, ModelOut, Status
 
 router = APIRouter(tags=["ops"])
 probes = APIRouter(tags=["ops"], route_class=ProbeRoute)
@@ -57,3 +60,16 @@ async def model(state: State) -> JSONResponse:
         "image": {"channels": info.channels, "height": info.height, "width": info.width},
         "latent_dim": info.latent_dim, "score_k": info.score_k, "metadata": meta,
     })
+
+
+RELOAD_ERRORS = {code: {"model": ErrorResponse} for code in (403, 404, 409, 422, 503)}
+
+
+@router.post("/v1/model/reload", response_model=ReloadOut, responses={**RELOAD_ERRORS, **KEYED},
+             openapi_extra={"requestBody": {**json_body(ReloadIn)["requestBody"], "required": False}})
+async def reload(request: Request, state: State) -> JSONResponse:
+    """Serve another artifact (or the configured file again) in every server process, without a restart: the
+    new one is checked and warmed beside the old, which serves until the switch; a refused file changes
+    nothing. Off unless VAE_ALLOW_RELOAD; 409 while another reload runs."""
+    body = ReloadIn() if not (await request.body()).strip() else await read_json(request, ReloadIn)
+    return JSONResponse((await reloading.reload(state, body.path)).to_dict())

@@ -18,6 +18,7 @@ const $ = (id) => document.getElementById(id);
 const state = {
   key: null,
   model: null, // /v1/model
+  noticed: null, // the sha256 of the last model change the page said
   files: [], // [{file, name, url, scoreRow}]
   items: [], // interpolation and edit ends: [{id, label, z}]
   directions: null, // [{name, kind, description, ...}] or null when editing is unavailable
@@ -82,6 +83,7 @@ async function api(path, { method = "GET", json, form, query, signal } = {}) {
       data = null;
     }
   }
+  noticeModel(response.headers.get("x-model-sha256"));
   if (!response.ok) {
     const error = data && data.error;
     const retry = response.headers.get("retry-after");
@@ -208,6 +210,18 @@ async function loadModel() {
   fillScoreKinds(state.model.metadata.scoring);
   updateItemControls();
   loadDirections();
+}
+
+// Every answer computed by a model names it (X-Model-Sha256). One other than the card's means the server was
+// reloaded: say so, and load the card of the model that serves now.
+function noticeModel(sha256) {
+  if (!sha256 || !state.model || sha256 === state.model.sha256 || sha256 === state.noticed) return;
+  state.noticed = sha256;
+  const notice = $("model-notice");
+  notice.textContent = `The server now serves another model (sha256 ${sha256.slice(0, 12)}…, before ` +
+    `${state.model.sha256.slice(0, 12)}…): the card below shows it; results from before were the other model's.`;
+  notice.hidden = false;
+  loadModel();
 }
 
 function renderModel(model) {
