@@ -167,10 +167,12 @@ EOF
 
 compose_checks() {
   "$TOOLS/bin/check-jsonschema" --builtin-schema vendor.compose-spec \
-    "$ROOT/deploy/compose.yaml" "$ROOT/deploy/compose.gpu.yaml"
+    "$ROOT/deploy/compose.yaml" "$ROOT/deploy/compose.gpu.yaml" "$ROOT/deploy/compose.reload.yaml"
   # docker-compose resolves what the schema cannot: interpolation, paths, the merge with the GPU override.
   (cd "$ROOT" && "$TOOLS/bin/docker-compose" -f deploy/compose.yaml config --quiet)
   (cd "$ROOT" && "$TOOLS/bin/docker-compose" -f deploy/compose.yaml -f deploy/compose.gpu.yaml config --quiet)
+  (cd "$ROOT" && VAE_MODELS=/srv/vae-models "$TOOLS/bin/docker-compose" -f deploy/compose.yaml \
+     -f deploy/compose.reload.yaml config --quiet)
 }
 
 k8s_checks() {
@@ -200,6 +202,24 @@ EOF
     "$TOOLS/bin/check-jsonschema" --schemafile "$ROOT/deploy/ci/schemas/prometheusrule.json" "$WORK/$name-PrometheusRule.json"
     promtool check rules "$WORK/$name-rules.json"
   done
+}
+
+# KServe's kinds: each against KServe's fields (deploy/ci/schemas), and the runtime's containers and volumes as
+# the Pod KServe makes of them, against the Kubernetes schemas (probes, ports, security context all checked).
+kserve_checks() {
+  local sr="$ROOT/deploy/kserve/servingruntime.yaml" isvc="$ROOT/deploy/kserve/inferenceservice.yaml"
+  "$TOOLS/bin/python" - "$sr" "$isvc" "$WORK/kserve" <<'EOF'
+import json, sys, yaml
+runtime, service = (yaml.safe_load(open(path)) for path in sys.argv[1:3])
+json.dump(runtime, open(f"{sys.argv[3]}-runtime.json", "w"))
+json.dump(service, open(f"{sys.argv[3]}-service.json", "w"))
+pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "kserve-check"},
+       "spec": {"containers": runtime["spec"]["containers"], "volumes": runtime["spec"].get("volumes", [])}}
+yaml.safe_dump(pod, open(f"{sys.argv[3]}-pod.yaml", "w"))
+EOF
+  "$TOOLS/bin/check-jsonschema" --schemafile "$ROOT/deploy/ci/schemas/servingruntime.json" "$WORK/kserve-runtime.json"
+  "$TOOLS/bin/check-jsonschema" --schemafile "$ROOT/deploy/ci/schemas/inferenceservice.json" "$WORK/kserve-service.json"
+  "$TOOLS/bin/kubernetes-validate" --strict --quiet "$WORK/kserve-pod.yaml"
 }
 
 # ---------------------------------------------------------------------------------------------------- image
@@ -288,6 +308,32 @@ run_container() {
   cold="$(awk -v a="$started" -v b="$ready" 'BEGIN { printf "%.1f", b - a }')"
   echo "cold start (podman run -> /readyz 200): ${cold}s"
   note "cold start (podman run -> /readyz 200): ${cold}s" >> "$WORK/summary"
+}
+
+# The image as KServe's ServingRuntime runs it: its env and args from deploy/kserve/servingruntime.yaml, the
+# artifact mounted at /mnt/models as the storage initializer leaves it, probed on the protocol's readiness route,
+# then asked by the protocol's infer route. (No KServe controller runs here: the pod spec itself is what is run.)
+kserve_container() {
+  local name="$CONTAINER-kserve" port=$((PORT + 1)) envs=()
+  mkdir -p "$WORK/mnt-models"
+  pm run --rm --entrypoint cat "$IMAGE" /models/vae.ts > "$WORK/mnt-models/vae.ts"
+  mapfile -t envs < <("$TOOLS/bin/python" - "$ROOT/deploy/kserve/servingruntime.yaml" <<'EOF'
+import sys, yaml
+container = yaml.safe_load(open(sys.argv[1]))["spec"]["containers"][0]
+for env in container["env"]:
+    print(f"{env['name']}={env['value']}")
+EOF
+)
+  local args=()
+  for env in "${envs[@]}"; do args+=(-e "$env"); done
+  pm run -d --name "$name" "${ULIMITS[@]}" --read-only --tmpfs /tmp:rw,size=64m,mode=1777 --cap-drop ALL \
+    --security-opt no-new-privileges "${args[@]}" -v "$WORK/mnt-models:/mnt/models:ro" -p "127.0.0.1:$port:8080" \
+    "$IMAGE" vae-serve
+  local ok=1
+  "$TOOLS/bin/python" "$ROOT/deploy/ci/smoke.py" protocol --url "http://127.0.0.1:$port" --timeout 300 || ok=0
+  [ "$ok" = 1 ] || pm logs "$name" | tail -n 30
+  pm rm --force --time 0 "$name" >/dev/null
+  [ "$ok" = 1 ]
 }
 
 smoke_requests() {
@@ -390,6 +436,7 @@ step promtool promtool_checks
 step grafana-dashboard dashboard_queries
 step compose compose_checks
 step kubernetes k8s_checks
+step kserve kserve_checks
 
 if [ "$STATIC_ONLY" = 0 ]; then
   step base-image base_image
@@ -404,6 +451,7 @@ if [ "$STATIC_ONLY" = 0 ]; then
       step prometheus-scrape prometheus_scrape
       step container-healthcheck healthcheck
       step container-graceful-stop graceful_stop
+      step kserve-container kserve_container
     fi
   else
     failures=$((failures + 1))

@@ -100,6 +100,39 @@ def wait_ready(url: str, timeout: float) -> float:
     raise TimeoutError(f"{url}/readyz not 200 after {timeout:.0f}s")
 
 
+def protocol(url: str, timeout: float) -> None:
+    """As KServe's ServingRuntime runs the image: ready on the protocol's readiness route, and the encoder model
+    answering an infer request, naming the artifact that answered."""
+    started = time.monotonic()
+    while True:
+        try:
+            if request(url + "/v2/health/ready", timeout=2)[0] == 200:
+                break
+        except OSError:
+            pass
+        if time.monotonic() - started > timeout:
+            report(False, "/v2/health/ready answers 200", f"not after {timeout:.0f}s")
+            return
+        time.sleep(0.2)
+    report(True, "/v2/health/ready answers 200", f"after {time.monotonic() - started:.1f}s")
+    status, _, body = request(url + "/v2/models/encoder")
+    meta = json.loads(body) if status == 200 else {}
+    shape = next((t["shape"] for t in meta.get("inputs", []) if t["name"] == "images"), None)
+    if not report(status == 200 and shape is not None, "/v2/models/encoder has its input shape", str(shape)):
+        return
+    images = [1] + shape[1:]
+    payload = {"inputs": [{"name": "images", "datatype": "UINT8", "shape": images,
+                           "data": [0] * math.prod(images)}]}
+    status, headers, body = request(url + "/v2/models/encoder/infer", json.dumps(payload).encode(),
+                                    {"Content-Type": "application/json"})
+    answer = json.loads(body) if status == 200 else {}
+    version = answer.get("model_version", "")
+    report(status == 200 and [o["name"] for o in answer.get("outputs", [])] == ["mu", "logvar"],
+           "/v2/models/encoder/infer answers mu and logvar", str(status))
+    report(len(version) == 64 and headers.get("x-model-sha256") == version,
+           "the answer names the artifact (model_version = X-Model-Sha256)", version[:12])
+
+
 def check(url: str, jpeg: str = None) -> None:
     status, _, body = request(url + "/livez")
     report(status == 200, "/livez answers 200", str(status))
@@ -273,7 +306,7 @@ def prometheus(prom: str, dashboard_path: str, timeout: float) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("command", choices=["wait-ready", "check", "drain", "prometheus"])
+    parser.add_argument("command", choices=["wait-ready", "check", "drain", "prometheus", "protocol"])
     parser.add_argument("--url", required=True)
     parser.add_argument("--timeout", type=float, default=300)
     parser.add_argument("--jpeg")
@@ -291,6 +324,8 @@ def main() -> int:
         return 0
     if args.command == "check":
         check(url, args.jpeg)
+    elif args.command == "protocol":
+        protocol(url, args.timeout)
     elif args.command == "prometheus":
         if not args.dashboard:
             parser.error("prometheus needs --dashboard")

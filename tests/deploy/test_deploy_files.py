@@ -30,7 +30,7 @@ PROMQL_WORDS = {
 }
 
 
-# The metrics contract of service/metrics.py that the dashboard and the alert rules are written against:
+# The metrics contract of service/core/metrics.py that the dashboard and the alert rules are written against:
 # family -> (type, label names). test_service_exports_the_metric_contract holds the service to it.
 METRIC_CONTRACT = {
     "vae_requests": ("counter", {"endpoint", "status", "role"}),
@@ -44,6 +44,8 @@ METRIC_CONTRACT = {
     "vae_ready": ("gauge", set()),
     "vae_process_ready": ("gauge", set()),  # with several server processes, a pid label per process
     "vae_model_info": ("gauge", {"version", "sha256", "device"}),
+    "vae_process_model": ("gauge", {"sha256"}),  # and a pid label per process
+    "vae_reloads": ("counter", {"outcome"}),
     "vae_gpu_memory_bytes": ("gauge", {"device", "kind"}),
 }
 
@@ -392,3 +394,44 @@ def test_dockerignore_keeps_what_the_dockerfile_copies():
                     continue  # MODEL_FILE: checked below
                 assert source in allowed, f"stage {name} copies {source}, which .dockerignore leaves out"
     assert "models/*.ts" in allowed
+
+
+KSERVE = DEPLOY / "kserve"
+
+
+def test_kserve_runs_our_image_on_the_open_inference_protocol():
+    """The ServingRuntime runs the service with the model where KServe's storage initializer leaves it, on one
+    HTTP port with the protocol's probes; the InferenceService selects it by runtime and model format."""
+    runtime = load_yaml(KSERVE / "servingruntime.yaml")
+    service = load_yaml(KSERVE / "inferenceservice.yaml")
+    spec = runtime["spec"]
+    (container,) = spec["containers"]
+    env = {item["name"]: item["value"] for item in container["env"]}
+    (port,) = container["ports"]
+    assert spec["protocolVersions"] == ["v2"] and not spec["multiModel"]
+    assert container["image"].startswith("vae-service") and container["args"] == ["vae-serve"]
+    assert port["containerPort"] == int(env["VAE_PORT"]) and env["VAE_HOST"] == "0.0.0.0"
+    assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": port["containerPort"]}
+    assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    assert env["VAE_MODEL_PATH"].startswith("/mnt/models/")
+    mounts = {m["mountPath"] for m in container.get("volumeMounts", [])}
+    assert container["securityContext"]["readOnlyRootFilesystem"] and "/tmp" in mounts
+    model = service["spec"]["predictor"]["model"]
+    assert model["runtime"] == runtime["metadata"]["name"] and model["protocolVersion"] == "v2"
+    assert model["modelFormat"]["name"] in {f["name"] for f in spec["supportedModelFormats"]}
+    assert model["storageUri"].rsplit("/", 1)[1] == env["VAE_MODEL_PATH"].rsplit("/", 1)[1]
+    # The runtime's processes fit the CPUs it asks for.
+    assert int(env["VAE_PROCESSES"]) <= int(container["resources"]["limits"]["cpu"])
+
+
+def test_kserve_schemas_catch_a_misspelt_field():
+    """The deploy checks validate the KServe kinds with these schemas (KServe's fields, unknown ones refused)."""
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads((DEPLOY / "ci" / "schemas" / "servingruntime.json").read_text())
+    runtime = load_yaml(KSERVE / "servingruntime.yaml")
+    jsonschema.validate(runtime, schema)
+    runtime["spec"]["protocolVersion"] = ["v2"]  # the InferenceService's spelling, not the runtime's
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(runtime, schema)
+    service_schema = json.loads((DEPLOY / "ci" / "schemas" / "inferenceservice.json").read_text())
+    jsonschema.validate(load_yaml(KSERVE / "inferenceservice.yaml"), service_schema)
