@@ -154,13 +154,12 @@ def test_evaluate_command_reports_every_kind_and_baseline(digits_artifact, tmp_p
     assert "AUROC" in printed and f"{calibration.DEFAULT_KIND} (default)" in printed
 
 
-def test_readme_states_the_real_calibration_size_of_the_default_data():
-    """The README's anomaly section promised '>= 1000 held-out normal scores'; the default digits split has 144."""
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("## Anomaly scores", 1)[1].split("\n## ", 1)[0]
+def test_the_anomaly_guide_states_the_real_calibration_size_of_the_default_data():
+    """What the smallest p-value of the bundled digits is follows from their calib split's real size."""
+    guide = (REPO / "docs" / "anomaly.md").read_text()
     n = len(load_dataset("digits", seed=0).calib)
-    assert f"only **{n}** for the default sklearn digits" in section and f"1/{n + 1}" in section
-    assert "≥ 1000" not in section
+    assert f"give n = {n}" in guide
+    assert "1 / (n + 1)" in guide
 
 
 def write_idx(directory: Path, prefix: str, images: np.ndarray, labels: np.ndarray) -> None:
