@@ -17,7 +17,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, FrozenSet, List, Optional, Sequence
 
 import numpy as np
 import orjson
@@ -26,7 +26,7 @@ from PIL import Image
 from vae_artifact import complexity
 from vae_artifact.calibration import Calibration, importance_stats
 from vae_artifact.combination import Combination
-from vae_artifact.metadata import Metadata, lists_latent_bank, preferred_kind, read_metadata
+from vae_artifact.metadata import LATENT_STATISTICS, Metadata, latent_outputs, preferred_kind, read_metadata
 
 __all__ = ["ModelShape", "ScoreKind", "default_kind", "model_shape", "read_metadata", "score_kinds"]
 
@@ -122,8 +122,9 @@ class ScoreKind:
     levels: int
 
     @property
-    def needs_neighbours(self) -> bool:
-        return self.combination is not None and self.combination.needs_neighbours
+    def latent_needs(self) -> FrozenSet[str]:
+        """The artifact's latent outputs its score needs (``latent_nn``, ``latent_log_density``)."""
+        return frozenset() if self.combination is None else self.combination.latent_needs
 
     def bits(self, images: np.ndarray) -> Optional[np.ndarray]:
         """The images' compressed sizes, when the kind has a compressor."""
@@ -132,19 +133,20 @@ class ScoreKind:
     def scores(self, outputs: Dict[str, np.ndarray], bits: Optional[np.ndarray]) -> np.ndarray:
         nll = -outputs["iw_ll"].astype(np.float64)
         if self.combination is not None:
-            return self.combination.scores(nll, outputs["elbo"], bits, outputs.get("latent_nn"))
+            return self.combination.scores(nll, outputs["elbo"], bits, outputs)
         return complexity.corrected(nll, bits)
 
 
 def score_kinds(metadata: Metadata) -> Dict[str, ScoreKind]:
-    """The kinds a server can offer for the artifact: those whose compressor it can reproduce, the latent bank's
-    kinds only when it has a bank, and ``nll`` always."""
+    """The kinds a server can offer for the artifact: those whose compressor it can reproduce, those that need
+    latent outputs only when it computes them, and ``nll`` always."""
     offered = {}
+    computed = set(latent_outputs(metadata))
     for name, description in metadata.scoring.kinds.items():
         spec, combined = description.get("complexity"), description.get("combination")
         combination = Combination.from_dict(combined) if combined is not None else None
         if (spec is not None and not complexity.supports(spec)) or (
-                combination is not None and combination.needs_neighbours and not lists_latent_bank(metadata)):
+                combination is not None and not combination.latent_needs <= computed):
             continue
         offered[name] = ScoreKind(name, spec["name"] if spec else None, combination,
                                   Calibration.from_metadata(metadata, name), metadata.levels)
@@ -160,16 +162,18 @@ def default_kind(metadata: Metadata) -> ScoreKind:
     return offered[name if name in offered else preferred_kind(offered)]
 
 
-def run_score(module, x, noise, neighbours: bool = False) -> Dict[str, np.ndarray]:
-    """The artifact's score(x, eps) with eps the fixed noise shared by every row, as the service calls it; with
-    ``neighbours`` (a kind that ``needs_neighbours``) also its latent_neighbour_distance(x), as the service does."""
+def run_score(module, x, noise, latent: FrozenSet[str] = frozenset()) -> Dict[str, np.ndarray]:
+    """The artifact's score(x, eps) with eps the fixed noise shared by every row, as the service calls it; and
+    the ``latent`` outputs a kind needs (``ScoreKind.latent_needs``) by the artifact's methods, as the service
+    does."""
     from vae_artifact.noise import for_rows
 
     iw, elbo, rec, kl, log_w = module.score(x, for_rows(noise, x.shape[0]))
     outputs = {"iw_ll": to_numpy(iw), "elbo": to_numpy(elbo), "rec": to_numpy(rec), "kl": to_numpy(kl),
                "log_w": to_numpy(log_w.t())}
-    if neighbours:
-        outputs["latent_nn"] = to_numpy(module.latent_neighbour_distance(x))
+    for output in sorted(latent):
+        method = dict((out, m) for m, out in LATENT_STATISTICS.values())[output]
+        outputs[output] = to_numpy(getattr(module, method)(x))
     return outputs
 
 
@@ -187,9 +191,10 @@ def anomaly_body(outputs: Dict[str, np.ndarray], shape: ModelShape, kind: ScoreK
     calibration = kind.calibration if kind.calibration is not None and kind.calibration.k == k else None
     p = calibration.p_values(score) if calibration is not None else [None] * len(score)
     pct = calibration.percentiles(score) if calibration is not None else [None] * len(score)
-    latent_nn = outputs.get("latent_nn")
+    latent_nn, log_density = outputs.get("latent_nn"), outputs.get("latent_log_density")
     rows = [{"score_nats": float(score[i]), "complexity_bits": None if bits is None else float(bits[i]),
              "neighbour_distance": None if latent_nn is None else float(latent_nn[i]),
+             "latent_density_nats": None if log_density is None else float(-log_density[i]),
              "nll_nats": float(nll[i]), "nll_bits_per_dim": float(nll[i] / (shape.num_dims * math.log(2.0))),
              "nll_se_nats": float(stats["se"][i]) if np.isfinite(stats["se"][i]) else None,
              "ess": float(stats["ess"][i]), "elbo_nats": float(outputs["elbo"][i]),

@@ -1,10 +1,11 @@
 """What each anomaly score kind costs per image, in-process, side by side: the one ``score`` call every kind
-shares (the artifact's, at the calibration's K), the kind's compressor, the latent bank's nearest-neighbour
-distance (``fisher-<c>-nn`` kinds: the artifact's ``latent_neighbour_distance``, one more encoder pass and the
-distances), and the kind's own formula and response rows.
+shares (the artifact's, at the calibration's K), the kind's compressor, the latent statistics it needs (each one
+more encoder pass: ``latent_neighbour_distance`` and its distances for the ``fisher-<c>-nn`` kinds,
+``latent_log_density`` and its mixture for the ``density-<c>`` kinds), and the kind's own formula and response
+rows.
 
 ``python -m bench.score_kinds_cost --model vae.ts --images idx:DIR`` (a 1x28x28 model); prints one table
-(medians of rounds) and each kind's cost per image relative to the artifact's default kind.
+(medians of rounds) and each kind's cost per image relative to the artifact's default kind and to ``--versus``.
 """
 
 import argparse
@@ -24,6 +25,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=16, help="images per request")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--versus", default="fisher-bz2-nn", help="also print each kind's cost relative to this one")
     args = parser.parse_args()
     metadata = common.read_metadata(args.model)
     shape = common.model_shape(metadata)
@@ -39,23 +41,27 @@ def main() -> None:
     with torch.inference_mode():
         outputs = common.run_score(module, x, noise)
         model_ms = common.median_ms(lambda: common.run_score(module, x, noise), args.rounds)
-        neighbours = any(kind.needs_neighbours for kind in kinds.values())
-        if neighbours:
-            outputs["latent_nn"] = common.to_numpy(module.latent_neighbour_distance(x))
-        bank_ms = common.median_ms(lambda: module.latent_neighbour_distance(x), args.rounds) if neighbours else 0.0
+        latent = frozenset().union(*(kind.latent_needs for kind in kinds.values()))
+        outputs.update(common.run_score(module, x, noise, latent))
+        latent_ms = {output: common.median_ms(lambda: common.run_score(module, x, noise, frozenset({output})),
+                                              args.rounds) - model_ms for output in sorted(latent)}
     print(f"{args.rows} images per request, K={k}; the model's score call: {model_ms:.2f} ms "
           f"({model_ms / args.rows:.3f} ms per image)")
-    print("| kind | compressor (ms) | latent bank (ms) | formula and rows (ms) | request total (ms) | per image (ms) "
-          "| vs default |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    totals = {}
+    print("| kind | compressor (ms) | latent statistics (ms) | formula and rows (ms) | request total (ms) "
+          f"| per image (ms) | vs default | vs {args.versus} |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    totals, lines = {}, []
     for name, kind in kinds.items():
         bits_ms = common.median_ms(lambda: kind.bits(images), args.rounds)
         bits = kind.bits(images)
         rows_ms = common.median_ms(lambda: common.anomaly_body(outputs, shape, kind, k, bits), args.rounds)
-        totals[name] = model_ms + bits_ms + (bank_ms if kind.needs_neighbours else 0.0) + rows_ms
-        print(f"| {name} | {bits_ms:.3f} | {bank_ms if kind.needs_neighbours else 0.0:.3f} | {rows_ms:.3f} "
-              f"| {totals[name]:.2f} | {totals[name] / args.rows:.3f} | {totals[name] / totals.get(default, 1):.3f}x |")
+        extra_ms = sum(latent_ms[output] for output in kind.latent_needs)
+        totals[name] = model_ms + bits_ms + extra_ms + rows_ms
+        lines.append((name, f"| {name} | {bits_ms:.3f} | {extra_ms:.3f} | {rows_ms:.3f} | {totals[name]:.2f} "
+                            f"| {totals[name] / args.rows:.3f}"))
+    for name, line in lines:
+        versus = f"{totals[name] / totals[args.versus]:.3f}x" if args.versus in totals else "-"
+        print(f"{line} | {totals[name] / totals[default]:.3f}x | {versus} |")
     print(f"default kind: {default}")
 
 

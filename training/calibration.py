@@ -18,10 +18,12 @@ A binarised (Bernoulli) model is calibrated on the same 8-bit images as any othe
 images and the model snaps them to {0, 1} at 0.5 itself, so scores of a random Bernoulli binarisation (the
 test metrics' dynamic binarisation, ``data.held_out_splits``) are not exchangeable with served scores.
 
-A combined kind (``fisher-<compressor>``, ``vae_artifact.combination``) also needs a reference sample of
-normal images that is *not* the calibration sample: the val split, scored the same way (``CalibrationImages``).
-A ``fisher-<compressor>-nn`` kind also tests the artifact's ``latent_neighbour_distance`` (its latent bank
-of training images); it is offered only by artifacts with a bank.
+A combined kind (``fisher-<compressor>``, ``density-<compressor>``, ``vae_artifact.combination``) also needs a
+reference sample of normal images that is *not* the calibration sample: the val split, scored the same way
+(``CalibrationImages``). A ``fisher-<compressor>-nn`` kind also tests the artifact's
+``latent_neighbour_distance`` (its latent bank of training images), a ``density-<compressor>`` kind its
+``latent_log_density`` (its latent density, ``training.density``); each is offered only by artifacts that have
+what it needs.
 """
 
 from dataclasses import dataclass
@@ -37,32 +39,26 @@ from training.recipe import recorded_dataset
 from vae_artifact import combination, complexity, noise
 from vae_artifact.calibration import importance_stats
 from vae_artifact.io import load_artifact, save_artifact
-from vae_artifact.metadata import PREFERRED_KINDS, lists_latent_bank, preferred_kind
+from vae_artifact.metadata import PREFERRED_KINDS, latent_outputs, preferred_kind
 
-# The default kind and K, chosen from the measurements in docs/anomaly.md (both protocols: Fashion-MNIST ->
-# MNIST and MNIST with one class held out). Without a latent bank, or without a reference split, the default
-# is the next of the contract's PREFERRED_KINDS that was computed.
+# The default kind and K, chosen from the measurements in docs/results.md (every protocol: Fashion-MNIST ->
+# MNIST, and MNIST and Fashion-MNIST with each class held out). Without a latent density, or without a reference
+# split, the default is the next of the contract's PREFERRED_KINDS that was computed.
 DEFAULT_KIND = PREFERRED_KINDS[0]
 DEFAULT_K = noise.DEFAULT_K
 NOISE_SEED = 0  # the scoring noise seed recorded in the artifact; the service uses whatever it records
 # Every kind and its compressor (None: the NLL itself). nll-minus-<c>: one statistic; fisher-<c>: combined.
 KINDS: Dict[str, Optional[str]] = {"nll": None, **{f"nll-minus-{c}": c for c in complexity.COMPRESSORS},
                                    f"{combination.PREFIX}bz2": "bz2",
-                                   f"{combination.PREFIX}bz2{combination.NN_SUFFIX}": "bz2"}
+                                   f"{combination.PREFIX}bz2{combination.NN_SUFFIX}": "bz2",
+                                   f"{combination.DENSITY_PREFIX}bz2": "bz2"}
 REFERENCE = ("Serrà et al. 2020, Input complexity and out-of-distribution detection with likelihood-based "
              "generative models (ICLR)")
 MAX_ROWS = 2048  # images x K per call of score(): bounds memory for any K
 
 ScoreFn = Callable[[Tensor, Tensor], Tuple[Tensor, ...]]
-NeighboursFn = Callable[[Tensor], Tensor]  # an artifact's latent_neighbour_distance
-
-
-def is_combined(kind: str) -> bool:
-    return kind.startswith(combination.PREFIX)
-
-
-def needs_neighbours(kind: str) -> bool:
-    return is_combined(kind) and kind.endswith(combination.NN_SUFFIX)
+LatentFns = Dict[str, Callable[[Tensor], Tensor]]  # output name -> an artifact's latent method (LATENT_STATISTICS)
+is_combined = combination.is_combined
 
 
 def describe_kind(kind: str) -> Dict:
@@ -70,7 +66,7 @@ def describe_kind(kind: str) -> Dict:
     kind's fitted references are added by ``calibration_sections``)."""
     compressor = KINDS[kind]
     if is_combined(kind):
-        return combination.describe(compressor, neighbours=needs_neighbours(kind))
+        return combination.describe(kind)
     if compressor is None:
         return {"formula": "-log p(x): K-sample importance-weighted bound", "units": "nats", "complexity": None}
     return {"formula": f"-log p(x) - ln(2) * L(x), L(x) = {compressor} size of x in bits", "units": "nats",
@@ -79,22 +75,22 @@ def describe_kind(kind: str) -> Dict:
 
 @torch.inference_mode()
 def model_scores(score: ScoreFn, images: np.ndarray, *, k: int, noise_seed: int, latent_dim: int,
-                 device: torch.device = torch.device("cpu"),
-                 neighbours: Optional[NeighboursFn] = None) -> Dict[str, np.ndarray]:
+                 device: torch.device = torch.device("cpu"), latent: Optional[LatentFns] = None
+                 ) -> Dict[str, np.ndarray]:
     """uint8 (N, C, H, W) -> per image nll, elbo, rec, kl (nats), se (nats) and ess, float64, from
-    ``score(x, eps)`` called as the service calls it: x = u / 255 and the contract's noise for every row; with
-    ``neighbours`` (the artifact's ``latent_neighbour_distance``) also ``latent_nn``."""
+    ``score(x, eps)`` called as the service calls it: x = u / 255 and the contract's noise for every row; and each
+    ``latent`` method's output under its name (``latent_nn``, ``latent_log_density``)."""
     eps = noise.scoring_noise(k, latent_dim, noise_seed).to(device)
     step = max(1, MAX_ROWS // k)
-    names = ("nll", "elbo", "rec", "kl", "se", "ess") + (("latent_nn",) if neighbours is not None else ())
+    latent = latent or {}
+    names = ("nll", "elbo", "rec", "kl", "se", "ess") + tuple(latent)
     parts: List[np.ndarray] = []
     for start in range(0, len(images), step):
         x = torch.from_numpy(images[start:start + step]).to(device).float().div_(255.0)
         iw, elbo, rec, kl, log_w = (t.double().cpu().numpy() for t in score(x, noise.for_rows(eps, x.shape[0])))
         stats = importance_stats(log_w.T)  # (K, B) -> (B, K): the service's SE and ESS
         columns = [-iw, elbo, rec, kl, stats["se"], stats["ess"]]
-        if neighbours is not None:
-            columns.append(neighbours(x).double().cpu().numpy())
+        columns += [method(x).double().cpu().numpy() for method in latent.values()]
         parts.append(np.stack(columns, axis=1))
     out = np.concatenate(parts) if parts else np.zeros((0, len(names)))
     return {name: out[:, i] for i, name in enumerate(names)}
@@ -102,28 +98,27 @@ def model_scores(score: ScoreFn, images: np.ndarray, *, k: int, noise_seed: int,
 
 def kind_scores(nll: np.ndarray, images: np.ndarray, levels: int, kinds: Sequence[str] = tuple(KINDS), *,
                 combinations: Optional[Dict[str, combination.Combination]] = None, elbo: Optional[np.ndarray] = None,
-                latent_nn: Optional[np.ndarray] = None) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
+                latent: Optional[Dict[str, np.ndarray]] = None) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
     """({kind: score (N,)}, {compressor: bits (N,)}) for the images whose NLLs (nats) are ``nll``. A combined
-    kind is scored only with its fitted ``combinations[kind]`` and the images' ``elbo`` (and for a ``-nn``
-    kind their ``latent_nn``); left out without."""
+    kind is scored only with its fitted ``combinations[kind]``, the images' ``elbo`` and the ``latent`` outputs its
+    terms need (``model_scores``' ``latent_nn``, ``latent_log_density``); left out without."""
     combinations = combinations if elbo is not None and combinations else {}
+    latent = latent or {}
     kinds = [kind for kind in kinds if not is_combined(kind)
-             or (kind in combinations and (latent_nn is not None or not combinations[kind].needs_neighbours))]
+             or (kind in combinations and combinations[kind].latent_needs <= set(latent))]
     bits = {c: complexity.compressed_bits(images, c, levels) for c in {KINDS[k] for k in kinds} - {None}}
-    scores = {kind: combinations[kind].scores(nll, elbo, bits[KINDS[kind]], latent_nn) if is_combined(kind)
+    scores = {kind: combinations[kind].scores(nll, elbo, bits[KINDS[kind]], latent) if is_combined(kind)
               else complexity.corrected(nll, bits.get(KINDS[kind])) for kind in kinds}
     return scores, bits
 
 
 def fit_combinations(outputs: Dict[str, np.ndarray], images: np.ndarray, levels: int
                      ) -> Dict[str, combination.Combination]:
-    """Every combined kind fitted on reference images (uint8, as served) with ``model_scores`` ``outputs``
-    (the ``-nn`` kinds only when the outputs have ``latent_nn``)."""
-    latent_nn = outputs.get("latent_nn")
-    return {kind: combination.Combination.fit(KINDS[kind], outputs["nll"], outputs["elbo"],
-                                              complexity.compressed_bits(images, KINDS[kind], levels),
-                                              latent_nn if needs_neighbours(kind) else None)
-            for kind in KINDS if is_combined(kind) and (latent_nn is not None or not needs_neighbours(kind))}
+    """Every combined kind fitted on reference images (uint8, as served) with ``model_scores`` ``outputs``: those
+    whose latent outputs (``combination.latent_needs``) the outputs have."""
+    return {kind: combination.Combination.fit(kind, outputs["nll"], outputs["elbo"],
+                                              complexity.compressed_bits(images, KINDS[kind], levels), outputs)
+            for kind in KINDS if is_combined(kind) and combination.latent_needs(kind) <= set(outputs)}
 
 
 def artifact_combinations(kinds: Dict[str, Dict]) -> Dict[str, combination.Combination]:
@@ -132,9 +127,9 @@ def artifact_combinations(kinds: Dict[str, Dict]) -> Dict[str, combination.Combi
             if is_combined(kind) and d.get("combination") is not None}
 
 
-def artifact_neighbours(module, meta) -> Optional[NeighboursFn]:
-    """The artifact's ``latent_neighbour_distance`` if it lists one (it carries a latent bank), else None."""
-    return module.latent_neighbour_distance if lists_latent_bank(meta) else None
+def artifact_latent(module, meta) -> LatentFns:
+    """The latent methods an artifact lists (it carries what they need), by output name."""
+    return {output: getattr(module, method) for output, method in latent_outputs(meta).items()}
 
 
 @dataclass(frozen=True)
@@ -158,18 +153,17 @@ def calibration_images(dataset: Dataset) -> CalibrationImages:
 
 def calibration_sections(score: ScoreFn, images: Union[CalibrationImages, np.ndarray], *, k: int, noise_seed: int,
                          latent_dim: int, levels: int, device: torch.device = torch.device("cpu"),
-                         neighbours: Optional[NeighboursFn] = None) -> Tuple[Dict, Dict]:
+                         latent: Optional[LatentFns] = None) -> Tuple[Dict, Dict]:
     """The artifact's ``scoring`` and ``calibration`` sections from the held-out images (uint8, as served). A
     bare array is the calib split alone: the combined kinds, which need a reference sample, are left out; so
-    are the ``-nn`` kinds without ``neighbours`` (the artifact's ``latent_neighbour_distance``)."""
+    are the kinds whose latent methods (``latent``: the artifact's, by output name) are not given."""
     calib, reference = (images.calib, images.reference) if isinstance(images, CalibrationImages) else (images, None)
-    fit = dict(k=k, noise_seed=noise_seed, latent_dim=latent_dim, device=device, neighbours=neighbours)
+    fit = dict(k=k, noise_seed=noise_seed, latent_dim=latent_dim, device=device, latent=latent)
     combinations = {}
     if reference is not None and len(reference):
         combinations = fit_combinations(model_scores(score, reference, **fit), reference, levels)
     out = model_scores(score, calib, **fit)
-    scores, _ = kind_scores(out["nll"], calib, levels, combinations=combinations, elbo=out["elbo"],
-                            latent_nn=out.get("latent_nn"))
+    scores, _ = kind_scores(out["nll"], calib, levels, combinations=combinations, elbo=out["elbo"], latent=out)
     descriptions = {kind: describe_kind(kind) for kind in scores}
     for kind, fitted in combinations.items():
         descriptions[kind]["combination"] = fitted.to_dict()
@@ -183,13 +177,14 @@ def calibration_sections(score: ScoreFn, images: Union[CalibrationImages, np.nda
 
 
 def recalibrate(model: Path, *, out: Optional[Path] = None, data: Optional[str] = None, k: Optional[int] = None,
-                assume_defaults: bool = False, latent_bank: Optional[int] = None) -> Dict:
+                assume_defaults: bool = False, latent_bank: Optional[int] = None, latent_density: bool = False) -> Dict:
     """Recompute every kind's calibration of an artifact from its own calib split, with its own TorchScript
     ``score``, and write the artifact again (``out``, default in place). Returns the calibration section.
     The split is rebuilt from the artifact's data recipe (``training.recipe``); SystemExit, writing nothing,
     when that cannot be done exactly. ``data``: the same source at another location. ``latent_bank``: an
-    artifact without a bank is first exported again, same weights, with one of that many training images
-    (``training.export.with_latent_bank``), so that it offers the ``-nn`` kinds."""
+    artifact without a bank is first exported again, same weights, with one of that many training images;
+    ``latent_density``: with a latent density fitted on its train split (``training.density``; fitted again if
+    it has one), so that it offers the ``-nn`` and ``density-`` kinds (``training.export.with_latent_statistics``)."""
     module, meta = load_artifact(model)
     document = meta.to_dict()
     recorded = document.get("data") or {}
@@ -197,18 +192,21 @@ def recalibrate(model: Path, *, out: Optional[Path] = None, data: Optional[str] 
         dataset = recorded_dataset(recorded, data=data, assume_defaults=assume_defaults)
     except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"{model}: cannot recalibrate: {exc}") from exc
-    if latent_bank and artifact_neighbours(module, meta) is None:
+    new_bank = latent_bank if latent_bank and "latent_nn" not in artifact_latent(module, meta) else None
+    if new_bank or latent_density:
         from training import export  # the model code loads only to export again
 
-        module, document["methods"] = export.with_latent_bank(module, meta, dataset, latent_bank)
+        module, document["methods"], fitted = export.with_latent_statistics(module, meta, dataset, bank=new_bank,
+                                                                            density=latent_density)
+        if fitted is not None:
+            document["latent_density"] = fitted
     k = k or meta.scoring.k
     scoring, calibration = calibration_sections(
         module.score, calibration_images(dataset), k=k, noise_seed=meta.scoring.noise_seed,
-        latent_dim=meta.latent_dim, levels=meta.levels, neighbours=artifact_neighbours(module, document))
+        latent_dim=meta.latent_dim, levels=meta.levels, latent=artifact_latent(module, document))
     # A property of the module's TorchScript, which recalibration keeps: an older score reduces over K in a way
     # that depends on the call size, and the service must keep scoring it at one fixed size.
     scoring["batch_invariant"] = meta.scoring.batch_invariant
     save_artifact(module, Path(out or model), dict(document, scoring=scoring, calibration=calibration))
     load_artifact(Path(out or model))  # fails loudly if the rewritten artifact does not read back
     return calibration
-

@@ -16,6 +16,9 @@ The artifact contract (docs/architecture.md). Exported methods, all float32 on t
   the nearest row of the buffer ``latent_bank`` (N, D), posterior means of training images (``latent_bank``
   below); each row on its own, so a row's distance does not depend on its batch. Listed in ``methods`` only
   when the artifact has a bank.
+- ``latent_log_density(x) -> log q``: x as for ``encode`` -> (B,) float64, the log density of the image's latent
+  features under the mixture in the buffers ``density_*`` (``training.density``); each row on its own. Listed in
+  ``methods`` only when the artifact has a density.
 ``metadata.json`` is described by ``build_metadata`` and checked, saved and loaded by the contract's own
 package (``vae_artifact``); this module only builds the serving module and proves it equals the eager model.
 """
@@ -29,12 +32,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from training import objectives, priors
+from training import density as latent_density, objectives, priors
 from training.data import Dataset, Split, to_8bit
 from training.model import VAE, VAEConfig
 from vae_artifact.errors import ArtifactError
 from vae_artifact.io import load_artifact, quiet_torchscript, save_artifact
-from vae_artifact.metadata import FORMAT_VERSION, METHODS, NEIGHBOUR_METHODS, PRIOR_METHODS
+from vae_artifact.metadata import DENSITY_METHODS, FORMAT_VERSION, METHODS, NEIGHBOUR_METHODS, PRIOR_METHODS
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +54,8 @@ class ServingModule(nn.Module):
     which makes its sampler a gather and spares every score call N encoder passes.
     """
 
-    def __init__(self, vae: VAE, latent_bank: Optional[Tensor] = None) -> None:
+    def __init__(self, vae: VAE, latent_bank: Optional[Tensor] = None,
+                 density: Optional[latent_density.LatentDensity] = None) -> None:
         super().__init__()
         self.vae = vae
         # Posterior means of training images (``latent_bank``); empty: no bank, the method raises.
@@ -59,6 +63,14 @@ class ServingModule(nn.Module):
         if bank.ndim != 2 or bank.shape[1] != vae.config.latent_dim:
             raise ValueError(f"latent_bank must be (N, {vae.config.latent_dim}), got {tuple(bank.shape)}")
         self.register_buffer("latent_bank", bank.contiguous())
+        # The latent density's mixture (``training.density``); no components: no density, the method raises.
+        density = density or latent_density.LatentDensity.empty(vae.config.latent_dim + 1)
+        if density.means.ndim != 2 or density.means.shape[1] != vae.config.latent_dim + 1:
+            raise ValueError(f"the latent density's means must be (M, {vae.config.latent_dim + 1}), "
+                             f"got {tuple(density.means.shape)}")
+        self.register_buffer("density_means", density.means.double().contiguous())
+        self.register_buffer("density_precision_cholesky", density.precision_cholesky.double().contiguous())
+        self.register_buffer("density_log_constant", density.log_constant.double().contiguous())
         self.closed_form_kl = vae.vamp is None
         if vae.vamp is None:
             self.prior: nn.Module = priors.StandardNormal()
@@ -102,6 +114,14 @@ class ServingModule(nn.Module):
         return distances.min(dim=1).values
 
     @torch.jit.export
+    def latent_log_density(self, x: Tensor) -> Tensor:
+        if self.density_means.shape[0] == 0:
+            raise RuntimeError("this artifact has no latent density")
+        mu, logvar = self.encode(x)
+        return latent_density.mixture_log_density(latent_density.features(mu, logvar), self.density_means,
+                                                  self.density_precision_cholesky, self.density_log_constant)
+
+    @torch.jit.export
     def sample_prior(self, eps: Tensor, component: Tensor) -> Tensor:
         return self.prior.sample(eps, component)
 
@@ -124,26 +144,44 @@ def latent_bank(vae: VAE, split: Split, levels: int, n: int, seed: int = 0, batc
     return torch.cat(parts).cpu() if parts else torch.zeros(0, vae.config.latent_dim)
 
 
-def with_latent_bank(module: torch.jit.ScriptModule, meta: Mapping[str, Any], dataset: Dataset, n: int,
-                     seed: int = 0) -> Tuple[torch.jit.ScriptModule, Dict[str, str]]:
-    """An artifact's module scripted again from its own config and weights, now with a latent bank of ``n``
-    images of ``dataset``'s train split; and the ``methods`` its metadata must then list. Every method is
-    checked against the eager model (ArtifactError on a mismatch)."""
+def with_latent_statistics(module: torch.jit.ScriptModule, meta: Mapping[str, Any], dataset: Dataset, *,
+                           bank: Optional[int] = None, density: bool = False, seed: int = 0
+                           ) -> Tuple[torch.jit.ScriptModule, Dict[str, str], Optional[Dict]]:
+    """An artifact's module scripted again from its own config, weights, bank and density, now with a latent bank
+    of ``bank`` images of ``dataset``'s train split (when given) and a latent density fitted on that split (with
+    ``density``); the ``methods`` its metadata must then list, and the density's summary (None without a new
+    one). Every method is checked against the eager model (ArtifactError on a mismatch)."""
     vae = VAE(VAEConfig(**meta["model"]["config"]))
-    vae.load_state_dict({name[len("vae."):]: t for name, t in module.state_dict().items() if name.startswith("vae.")})
-    bank = latent_bank(vae, dataset.train, dataset.levels, n, seed=seed)
-    serving = ServingModule(vae.eval(), bank).eval()
+    state = module.state_dict()
+    vae.load_state_dict({name[len("vae."):]: t for name, t in state.items() if name.startswith("vae.")})
+    vae.eval()
+    latent = latent_bank(vae, dataset.train, dataset.levels, bank, seed=seed) if bank else state.get("latent_bank")
+    fitted = None
+    if density:
+        fitted = latent_density.fit_split(ServingModule(vae).encode, dataset.train, dataset.levels,
+                                          torch.device("cpu"), seed=seed)
+    elif "density_means" in state:
+        fitted = latent_density.LatentDensity(state["density_means"], state["density_precision_cholesky"],
+                                              state["density_log_constant"], {})
+    serving = ServingModule(vae, latent, fitted).eval()
     with quiet_torchscript():
         scripted = torch.jit.script(serving)
     check_x = torch.from_numpy(to_8bit(dataset.test.images[:8], dataset.levels)).float() / 255
     compare_with_eager(serving, scripted, check_x)
-    return scripted, {**METHODS, **NEIGHBOUR_METHODS}
+    return scripted, methods(serving), fitted.summary if density else None
 
 
-def build_metadata(vae: VAE, *, neighbours: bool = False, **sections: Any) -> Dict[str, Any]:
-    """The metadata.json document. ``sections`` adds the caller's parts: data, training, evaluation,
-    calibration (each a JSON-able dict). The model and versioning parts are filled in here; ``neighbours``:
-    the artifact carries a latent bank (its method is listed)."""
+def methods(serving: ServingModule) -> Dict[str, str]:
+    """The ``methods`` a serving module's metadata lists: the contract's, and its latent statistics' when it has
+    what they need."""
+    return {**METHODS, **(NEIGHBOUR_METHODS if len(serving.latent_bank) else {}),
+            **(DENSITY_METHODS if len(serving.density_means) else {})}
+
+
+def build_metadata(serving: ServingModule, **sections: Any) -> Dict[str, Any]:
+    """The metadata.json document of ``serving``. ``sections`` adds the caller's parts: data, training,
+    evaluation, calibration (each a JSON-able dict). The model, its methods and versioning are filled in here."""
+    vae = serving.vae
     cfg = vae.config
     meta: Dict[str, Any] = {
         "format_version": FORMAT_VERSION,
@@ -162,7 +200,7 @@ def build_metadata(vae: VAE, *, neighbours: bool = False, **sections: Any) -> Di
             "support": "{0, 1} (threshold 0.5)" if cfg.likelihood == "bernoulli" else f"k / {cfg.levels - 1}",
             "num_dims": cfg.num_dims,
         },
-        "methods": {**METHODS, **NEIGHBOUR_METHODS} if neighbours else METHODS,
+        "methods": methods(serving),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "torch_version": torch.__version__,
     }
@@ -170,13 +208,11 @@ def build_metadata(vae: VAE, *, neighbours: bool = False, **sections: Any) -> Di
     return meta
 
 
-def export_artifact(vae: VAE, path: Path, metadata: Dict[str, Any], check_x: Tensor,
-                    latent_bank: Optional[Tensor] = None) -> Dict[str, Any]:
-    """Script ``vae`` (with ``latent_bank``, if given), save it with ``metadata`` (the contract adds the weights
-    sha256), reload it and compare every method with the eager model on ``check_x``. Returns the written
-    metadata document; raises ArtifactError on any mismatch."""
-    vae = vae.eval().cpu()
-    serving = ServingModule(vae, latent_bank).eval()
+def export_artifact(serving: ServingModule, path: Path, metadata: Dict[str, Any], check_x: Tensor) -> Dict[str, Any]:
+    """Script ``serving`` (on the CPU), save it with ``metadata`` (the contract adds the weights sha256), reload it
+    and compare every method with the eager module on ``check_x``. Returns the written metadata document; raises
+    ArtifactError on any mismatch."""
+    serving = serving.eval().cpu()
     with quiet_torchscript():
         scripted = torch.jit.script(serving)
     written = save_artifact(scripted, path, metadata)
@@ -203,13 +239,15 @@ def compare_with_eager(eager: ServingModule, scripted: torch.jit.ScriptModule, x
     }
     if eager.latent_bank.shape[0]:
         pairs["latent_neighbour_distance"] = (eager.latent_neighbour_distance(x), scripted.latent_neighbour_distance(x))
+    if eager.density_means.shape[0]:
+        pairs["latent_log_density"] = (eager.latent_log_density(x), scripted.latent_log_density(x))
     worst = 0.0
     for name, (a, b) in pairs.items():
         a_list = list(a) if isinstance(a, tuple) else [a]
         b_list = list(b) if isinstance(b, tuple) else [b]
         for ta, tb in zip(a_list, b_list):
-            # Scores are sums over all pixels: compare them relative to their size.
-            scale = max(1.0, float(ta.abs().max())) if name == "score" else 1.0
+            # Scores are sums over all pixels, log densities over features: compare them relative to their size.
+            scale = max(1.0, float(ta.abs().max())) if name in ("score", "latent_log_density") else 1.0
             diff = float((ta - tb).abs().max()) / scale
             worst = max(worst, diff)
             if not diff <= ROUNDTRIP_ATOL:
@@ -218,4 +256,4 @@ def compare_with_eager(eager: ServingModule, scripted: torch.jit.ScriptModule, x
 
 
 __all__ = ["ArtifactError", "ServingModule", "build_metadata", "compare_with_eager", "export_artifact", "latent_bank",
-           "with_latent_bank"]
+           "methods", "with_latent_statistics"]

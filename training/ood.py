@@ -12,7 +12,7 @@ from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 
-from training.calibration import (NeighboursFn, ScoreFn, artifact_combinations, artifact_neighbours, kind_scores,
+from training.calibration import (LatentFns, ScoreFn, artifact_combinations, artifact_latent, kind_scores,
                                   model_scores)
 from training.data import load_dataset, to_8bit
 from vae_artifact import complexity
@@ -34,23 +34,23 @@ def detection_metrics(normal: np.ndarray, ood: np.ndarray) -> Dict[str, float]:
 
 
 def evaluate_artifact(score: ScoreFn, meta: Metadata, normal: np.ndarray, ood: np.ndarray,
-                      neighbours: Optional[NeighboursFn] = None) -> Dict:
+                      latent: Optional[LatentFns] = None) -> Dict:
     """Every score kind and every model-free baseline on normal-test vs OOD-test uint8 images.
 
     Kinds: AUROC / AUPRC / FPR at 95% TPR, and with the artifact's calibration scores the false-positive rate
     on the (fresh) normal images and the detection rate on the OOD images at each level in ``ALPHAS``.
     Baselines ``size-<compressor>``: minus the compressed size alone (simpler = stranger, the direction that
     works for Fashion-MNIST -> MNIST; it is chosen knowing the OOD set, so it flatters the baseline).
-    ``neighbours``: the artifact's ``latent_neighbour_distance``, which its ``-nn`` kinds need.
+    ``latent``: the artifact's latent methods (``artifact_latent``), which its ``-nn`` and ``density-`` kinds need.
     """
     k, levels = meta.scoring.k, meta.levels
     started = time.perf_counter()
     outs = [model_scores(score, x, k=k, noise_seed=meta.scoring.noise_seed, latent_dim=meta.latent_dim,
-                         neighbours=neighbours) for x in (normal, ood)]
+                         latent=latent) for x in (normal, ood)]
     model_s = time.perf_counter() - started
     combinations = artifact_combinations(meta.to_dict()["scoring"]["kinds"])
     (s_n, bits_n), (s_o, bits_o) = (kind_scores(o["nll"], x, levels, combinations=combinations, elbo=o["elbo"],
-                                                latent_nn=o.get("latent_nn")) for o, x in zip(outs, (normal, ood)))
+                                                latent=o) for o, x in zip(outs, (normal, ood)))
     kinds: Dict[str, Dict] = {}
     for kind in s_n:
         row = detection_metrics(s_n[kind], s_o[kind])
@@ -125,20 +125,20 @@ def sweep_k(module, meta: Metadata, normal: np.ndarray, ood: np.ndarray, ks: Seq
     as served). Yields (K, row) as each K is done."""
     latent_dim, levels = meta.latent_dim, meta.levels
     combinations = artifact_combinations(meta.to_dict()["scoring"]["kinds"])
-    neighbours = artifact_neighbours(module, meta)
+    latent = artifact_latent(module, meta)
     default = meta.scoring.default
     few = normal[:repeat_images]
     for k in ks:
         started, cpu_started = time.perf_counter(), time.process_time()  # CPU time: less at the mercy of a busy host
-        out_n = model_scores(module.score, normal, k=k, noise_seed=0, latent_dim=latent_dim, neighbours=neighbours)
+        out_n = model_scores(module.score, normal, k=k, noise_seed=0, latent_dim=latent_dim, latent=latent)
         ms = 1000 * (time.perf_counter() - started) / len(normal)
         cpu_ms = 1000 * (time.process_time() - cpu_started) / len(normal)
-        out_o = model_scores(module.score, ood, k=k, noise_seed=0, latent_dim=latent_dim, neighbours=neighbours)
+        out_o = model_scores(module.score, ood, k=k, noise_seed=0, latent_dim=latent_dim, latent=latent)
         reps = np.stack([model_scores(module.score, few, k=k, noise_seed=seed, latent_dim=latent_dim)["nll"]
                          for seed in range(repeats)])  # (R, n)
         # A combined kind keeps the references fitted at the artifact's K: an AUROC only, no p-values, at other K.
         s_n, s_o = (kind_scores(o["nll"], x, levels, combinations=combinations, elbo=o["elbo"],
-                                latent_nn=o.get("latent_nn"))[0]
+                                latent=o)[0]
                     for o, x in ((out_n, normal), (out_o, ood)))
         yield k, {"nll": float(reps.mean()), "seed_sd": float(reps.std(axis=0, ddof=1).mean()),
                   "se_mean": float(np.mean(out_n["se"])) if k > 1 else None, "ess": float(out_n["ess"].mean()),

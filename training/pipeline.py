@@ -1,5 +1,5 @@
-"""One training run, stage by stage: data -> model -> train -> evaluate -> latent bank -> calibration ->
-directions -> metadata -> export -> report.
+"""One training run, stage by stage: data -> model -> train -> evaluate -> latent bank and density -> calibration
+-> directions -> metadata -> export -> report.
 
 ``run(options, ctx)`` is what ``python -m training train`` does after parsing its arguments; each stage is a
 function of what it uses, so a stage can be read, tested or rerun on its own.
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from training import calibration, directions, distributed, evaluate, export, trainer
+from training import calibration, density, directions, distributed, evaluate, export, trainer
 from training.data import Dataset, Split, held_out_splits, to_8bit, to_float
 from training.model import VAE, VAEConfig, num_parameters
 from training.recipe import DataRecipe, data_section
@@ -48,6 +48,7 @@ class RunOptions:
     eval_n: int  # 0: the whole test split
     score_k: int
     latent_bank: int  # 0: no bank
+    latent_density: bool = True
     device: str = "auto"
     resume: Optional[Path] = None
     report: bool = True
@@ -82,13 +83,16 @@ def run(options: RunOptions, ctx: distributed.DistContext) -> Optional[Dict]:
                                     n=options.eval_n, progress=progress)
     bank = (export.latent_bank(vae, ds.train, ds.levels, options.latent_bank, seed=options.train.seed)
             if options.latent_bank else None)
-    serving = export.ServingModule(vae.eval(), bank).to(device)
+    fitted = (density.fit_split(export.ServingModule(vae.eval()).encode, ds.train, ds.levels, device,
+                                seed=options.train.seed) if options.latent_density else None)
+    serving = export.ServingModule(vae.eval(), bank, fitted).to(device)
     scoring, calibrated = calibrate(serving, ds, options.score_k, vae.config, device, progress)
     latent_directions = attribute_directions(serving, ds, device)
-    meta = export.build_metadata(vae, neighbours=bank is not None, data=data_section(options.recipe, ds),
+    sections = dict(latent_density=fitted.summary) if fitted is not None else {}
+    meta = export.build_metadata(serving, data=data_section(options.recipe, ds),
                                  training=training_section(options.train, result, ctx), evaluation=metrics,
-                                 scoring=scoring, calibration=calibrated, directions=latent_directions)
-    meta = export.export_artifact(vae, options.out, meta, check_x=test_x[:8], latent_bank=bank)
+                                 scoring=scoring, calibration=calibrated, directions=latent_directions, **sections)
+    meta = export.export_artifact(serving, options.out, meta, check_x=test_x[:8])
     if options.report:
         write_report(options, meta, vae, ds, test, test_x, result.history, calibrated["scores"]["nll"], device)
     return meta
@@ -145,10 +149,10 @@ def calibrate(serving: export.ServingModule, ds: Dataset, k: int, config: VAECon
     binarised model too: its test metrics use the dynamically binarised split, its scores may not)."""
     images = calibration.calibration_images(ds)
     score = _with_progress(serving.score, len(images), f"calibration (K={k})", progress)
-    neighbours = serving.latent_neighbour_distance if len(serving.latent_bank) else None
+    latent = calibration.artifact_latent(serving, {"methods": export.methods(serving)})
     return calibration.calibration_sections(score, images, k=k, noise_seed=calibration.NOISE_SEED,
                                             latent_dim=config.latent_dim, levels=config.levels, device=device,
-                                            neighbours=neighbours)
+                                            latent=latent)
 
 
 def attribute_directions(serving: export.ServingModule, ds: Dataset, device: torch.device) -> Dict:

@@ -1,10 +1,8 @@
 """Combined anomaly scores: several per-image statistics, each a p-value against normal images, in one score.
 
-A kind ``fisher-<compressor>`` asks three questions of an image, all answered by the one ``score`` call and the
-compressor, and combines the answers with Fisher's method (Fisher 1932, *Statistical Methods for Research
-Workers*, §21.1): -sum_i ln p_i. Each p_i is a conformal p-value of one statistic against a **reference** sample
-of normal images (the artifact stores the sorted reference values, the val split's, computed exactly as the
-service computes them):
+Each statistic is turned into a conformal p-value against a **reference** sample of normal images (the artifact
+stores the sorted reference values, the val split's, computed exactly as the service computes them), and a
+kind adds up the surprises -ln p_i of its terms. The statistics:
 
 - ``nll-minus-<c>``, upper tail: the model explains x worse than a generic compressor does, relative to normal
   images (Serrà et al. 2020): inputs unlike the training data that are not simpler than it;
@@ -13,37 +11,44 @@ service computes them):
   has a lower NLL than the digits it was trained on). Only the lower tail: the upper one, inputs more complex
   than normal, is already the first question's (the model explains noise far worse than bz2 does);
 - ``iw-gap``, upper tail: log p(x) (the K-sample bound) minus the ELBO, both from the same K samples: how much
-  the importance samples improve on the encoder's own posterior. The encoder was fitted to normal images; on
-  others its posterior is a worse fit and the gap grows. A free stand-in for likelihood regret (Xiao et al.
-  2020), which re-fits the encoder per input (tens of extra model calls per image).
+  the importance samples improve on the encoder's own posterior, which was fitted to normal images. A free
+  stand-in for likelihood regret (Xiao et al. 2020), which re-fits the encoder per input;
+- ``latent-nn``, upper tail: the Euclidean distance from x's posterior mean to the nearest posterior mean of the
+  artifact's bank of training images (its ``latent_neighbour_distance``; Sun et al. 2022);
+- ``latent-density``, upper tail: -log q(f(x)), f(x) the posterior mean and mean posterior log-variance, q a
+  mixture of full-covariance Gaussians fitted to the training images' features, class by class when the data
+  has labels (its ``latent_log_density``; the class-conditional Gaussians of Lee et al. 2018, with several
+  components a class). The likelihood questions ask how well x is explained; this one asks *what* x is. An
+  unseen class of the same kind of image (a digit the model never saw) is explained about as well as the seen
+  ones, yet its encoding lands where no class's does, or the encoder is unusually sure or unsure of it.
 
-The kind ``fisher-<compressor>-nn`` asks a fourth question, of the latent space:
+The kinds:
 
-- ``latent-nn``, upper tail: the Euclidean distance from x's posterior mean to the nearest posterior mean of
-  the artifact's bank of training images (its ``latent_neighbour_distance`` method). The three questions above
-  are about how well x is explained; this one is about *what* x is: a digit the model has never seen may be
-  explained about as well as the ones it has (MNIST with a 4 held out: the likelihood terms reach AUROC 0.79),
-  yet land where no training image does (distance alone: 0.87). A nearest-neighbour distance in a learned
-  representation is the classic detector of this kind (e.g. Sun et al. 2022, *Out-of-distribution detection
-  with deep nearest neighbors*).
+- ``fisher-<c>``: nll-minus-<c>, bits-<c> and iw-gap, summed (Fisher's method, Fisher 1932, §21.1);
+- ``fisher-<c>-nn``: those three and latent-nn, summed;
+- ``density-<c>``: latent-density, with nll-minus-<c> and bits-<c> as **guards**. A guard adds only the part of
+  its surprise past the most extreme reference image (the exponential tail below), nothing inside the
+  reference. Summing every surprise in full would let each question that has nothing to say about an input add
+  its own noise (-ln p of a uniform p) to the one that has: on an unseen class, where the density carries the
+  signal, that costs more than the other terms add. The guards keep what they are there for, inputs unlike
+  anything normal (another data set, noise, a blank image), whose surprise is far past the reference.
 
 The combined score is one more statistic: its own conformal calibration (the calib split, the same K and
 noise) gives its p-values. The reference sample must not be the calibration sample: fitted and calibrated on
 the same rows, the scores of those rows are not exchangeable with fresh ones (each row counts itself in its own
 reference p-values) and the false-positive guarantee is lost. Training uses the val split, which neither trains
-the weights nor calibrates. Fisher's sum needs no independence between the p-values here: the combined score
-is calibrated as a whole, so dependence only changes power, never validity.
+the weights nor calibrates. The sum needs no independence between the p-values: the combined score is
+calibrated as a whole, so dependence and the choice of terms only change power, never validity.
 
 Past the reference's extreme a count stops at 1/(m + 1): every input beyond it, a little or a thousand nats,
 would get the same p-value, and the combined score would top out at a few times ln(m + 1). With a small
-reference (the bundled digits: m = 144) that cap sits below what the most unusual calibration images reach, and
-pure noise could never be flagged at alpha = 0.01 (every noise image got the same p-value, above it). So beyond the
-extreme a term continues as an exponential tail (``beyond = "exponential"``, every new artifact):
-p = 1/(m + 1) exp(-excess / s), where s is the mean excess of the reference's most extreme tenth over the value
-just inside it (peaks over a threshold with a generalised Pareto tail of shape 0; Pickands 1975). Inside the
-reference nothing changes; any monotone extension keeps the combined score valid, since it is calibrated as a
-whole. Artifacts written before it say nothing and keep the counts (``beyond = "counts"``), so their stored
-calibration stays the scores the service computes.
+reference (a few hundred images) that cap sits below what the most unusual calibration images reach, and pure
+noise could never be flagged at a small alpha. So beyond the extreme a term continues as an exponential tail
+(``beyond = "exponential"``, every new artifact): p = 1/(m + 1) exp(-excess / s), where s is the mean excess of
+the reference's most extreme tenth over the value just inside it (peaks over a threshold with a generalised
+Pareto tail of shape 0; Pickands 1975). Inside the reference nothing changes; any monotone extension keeps the
+combined score valid, since it is calibrated as a whole. Artifacts written before it say nothing and keep the
+counts (``beyond = "counts"``), so their stored calibration stays the scores the service computes.
 
 Row by row and exact: a reference p-value is a count (``searchsorted``) turned into a rational, its logarithm
 is ``math.log`` of one number, a tail adds one division, and the sum has a fixed order, so a row's score does
@@ -52,46 +57,81 @@ not depend on the other rows of its batch. Numpy only.
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+from typing import Dict, FrozenSet, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from vae_artifact import complexity
+from vae_artifact.metadata import LATENT_STATISTICS
 
 TAILS = ("upper", "lower", "two-sided")
 BEYOND = ("counts", "exponential")  # past the reference's extreme: stop at 1/(m + 1), or continue (docstring)
-PREFIX = "fisher-"  # kind names: fisher-<compressor>
+COUNTED = ("whole", "beyond")  # a term's whole surprise, or a guard's part past the reference (docstring)
+PREFIX = "fisher-"  # kind names: fisher-<compressor>, fisher-<compressor>-nn
+NN_SUFFIX = "-nn"
+DENSITY_PREFIX = "density-"  # kind names: density-<compressor>
+NEIGHBOURS = "latent-nn"  # the statistic of the artifact's latent_neighbour_distance
+DENSITY = "latent-density"  # the statistic of the artifact's latent_log_density (negated)
 REFERENCE = ("Fisher 1932 (combining p-values, -sum ln p); Serrà et al. 2020 (input complexity); Nalisnick et al. "
              "2019 (typicality); Xiao et al. 2020 (likelihood regret: the encoder's fit to the input)")
 NN_REFERENCE = "; Sun et al. 2022 (nearest neighbours in a learned representation)"
+DENSITY_REFERENCE = ("Lee et al. 2018 (class-conditional Gaussians of a learned representation); Serrà et al. 2020 "
+                     "(input complexity); Nalisnick et al. 2019 (typicality); Pickands 1975 (the tails past the "
+                     "reference)")
+
+Recipe = Tuple[Tuple[str, str, str], ...]  # (statistic, tail, counted) per term
 
 
-NEIGHBOURS = "latent-nn"  # the statistic of the artifact's latent_neighbour_distance
-NN_SUFFIX = "-nn"  # kind fisher-<compressor>-nn: the three terms and latent-nn
+def is_combined(kind: str) -> bool:
+    """Whether ``kind`` names a combined kind (fisher-<c>, fisher-<c>-nn, density-<c>)."""
+    try:
+        recipe(kind)
+    except ValueError:
+        return False
+    return True
+
+
+def compressor_of(kind: str) -> str:
+    """The compressor a combined kind's terms use; ValueError for any other name."""
+    name = kind[len(DENSITY_PREFIX):] if kind.startswith(DENSITY_PREFIX) else kind[len(PREFIX):]
+    name = name[:-len(NN_SUFFIX)] if kind.startswith(PREFIX) and name.endswith(NN_SUFFIX) else name
+    if not kind.startswith((PREFIX, DENSITY_PREFIX)) or name not in complexity.COMPRESSORS:
+        raise ValueError(f"{kind!r} is not a combined kind: fisher-<c>, fisher-<c>-nn or density-<c>, c one of "
+                         f"{list(complexity.COMPRESSORS)}")
+    return name
+
+
+def recipe(kind: str) -> Recipe:
+    """The (statistic, tail, counted) terms of a combined kind (the module docstring says why)."""
+    c = compressor_of(kind)
+    if kind.startswith(DENSITY_PREFIX):
+        return ((DENSITY, "upper", "whole"), (f"nll-minus-{c}", "upper", "beyond"), (f"bits-{c}", "lower", "beyond"))
+    terms = ((f"nll-minus-{c}", "upper", "whole"), (f"bits-{c}", "lower", "whole"), ("iw-gap", "upper", "whole"))
+    return terms + ((NEIGHBOURS, "upper", "whole"),) if kind.endswith(NN_SUFFIX) else terms
+
+
+def latent_needs(kind: str) -> FrozenSet[str]:
+    """The latent outputs (``LATENT_STATISTICS``' output names) a combined kind's terms need."""
+    return frozenset(LATENT_STATISTICS[name][1] for name, _, _ in recipe(kind) if name in LATENT_STATISTICS)
 
 
 def statistics(nll: np.ndarray, elbo: np.ndarray, bits: Optional[np.ndarray], compressor: Optional[str],
-               latent_nn: Optional[np.ndarray] = None) -> Dict[str, np.ndarray]:
+               latent: Optional[Mapping[str, np.ndarray]] = None) -> Dict[str, np.ndarray]:
     """The per-image statistics a term may test, float64 (N,), from the NLL and ELBO (nats) of one ``score``
     call: ``nll``, ``iw-gap`` = -nll - elbo (nats, >= 0), with a compressor's ``bits`` also ``bits-<c>``
-    (bits) and ``nll-minus-<c>`` (nats, the complexity-corrected NLL), and with ``latent_nn`` (the artifact's
-    ``latent_neighbour_distance``) ``latent-nn``."""
+    (bits) and ``nll-minus-<c>`` (nats, the complexity-corrected NLL), and from ``latent`` (the artifact's latent
+    methods' outputs, by output name) ``latent-nn`` (the distance) and ``latent-density`` (-log density, nats)."""
     nll, elbo = np.asarray(nll, dtype=np.float64), np.asarray(elbo, dtype=np.float64)
     stats = {"nll": nll, "iw-gap": -nll - elbo}
     if bits is not None:
         bits = np.asarray(bits, dtype=np.float64)
         stats[f"bits-{compressor}"] = bits
         stats[f"nll-minus-{compressor}"] = complexity.corrected(nll, bits)
-    if latent_nn is not None:
-        stats[NEIGHBOURS] = np.asarray(latent_nn, dtype=np.float64)
+    for statistic, (_, output) in LATENT_STATISTICS.items():
+        if latent is not None and output in latent:
+            value = np.asarray(latent[output], dtype=np.float64)
+            stats[statistic] = -value if statistic == DENSITY else value
     return stats
-
-
-def recipe(compressor: str, neighbours: bool = False) -> Tuple[Tuple[str, str], ...]:
-    """The (statistic, tail) terms of kind ``fisher-<compressor>``, or with ``neighbours`` of
-    ``fisher-<compressor>-nn`` (the module docstring says why)."""
-    terms = ((f"nll-minus-{compressor}", "upper"), (f"bits-{compressor}", "lower"), ("iw-gap", "upper"))
-    return terms + ((NEIGHBOURS, "upper"),) if neighbours else terms
 
 
 def reference_p_values(reference: np.ndarray, values: np.ndarray, tail: str) -> np.ndarray:
@@ -128,11 +168,14 @@ class Term:
     statistic: str
     tail: str
     reference: np.ndarray  # sorted ascending, the statistic's values on the reference (val) split
+    counted: str = "whole"  # COUNTED: the whole surprise, or a guard's part past the reference
     scales: Tuple[float, float] = field(init=False, repr=False, compare=False)  # tail_scale upper, lower
 
     def __post_init__(self) -> None:
         if self.tail not in TAILS:
             raise ValueError(f"tail must be one of {TAILS}, got {self.tail!r}")
+        if self.counted not in COUNTED:
+            raise ValueError(f"counted must be one of {COUNTED}, got {self.counted!r}")
         if self.reference.ndim != 1 or len(self.reference) < 1 or not np.isfinite(self.reference).all():
             raise ValueError(f"term {self.statistic!r}: the reference must be a non-empty list of finite numbers")
         object.__setattr__(self, "scales", (tail_scale(self.reference, "upper"), tail_scale(self.reference, "lower")))
@@ -147,7 +190,7 @@ class Term:
 
 @dataclass(frozen=True)
 class Combination:
-    """The score of a ``fisher-<compressor>`` kind: -sum ln p_i over its terms' reference p-values (nats)."""
+    """The score of a combined kind: the sum of its terms' surprises (nats); the module docstring says which."""
 
     compressor: str
     terms: Tuple[Term, ...]
@@ -156,21 +199,27 @@ class Combination:
     def __post_init__(self) -> None:
         if self.beyond not in BEYOND:
             raise ValueError(f"beyond must be one of {BEYOND}, got {self.beyond!r}")
+        if self.beyond == "counts" and any(t.counted == "beyond" for t in self.terms):
+            raise ValueError("a guard term (counted beyond the reference) needs beyond = 'exponential'")
 
     @property
-    def needs_neighbours(self) -> bool:
-        """Whether a term tests ``latent-nn`` (the artifact's ``latent_neighbour_distance`` must be called)."""
-        return any(t.statistic == NEIGHBOURS for t in self.terms)
+    def latent_needs(self) -> FrozenSet[str]:
+        """The latent outputs (``LATENT_STATISTICS``' output names) its terms test: the artifact methods that must
+        be called beside ``score``."""
+        return frozenset(LATENT_STATISTICS[t.statistic][1] for t in self.terms if t.statistic in LATENT_STATISTICS)
 
     @classmethod
-    def fit(cls, compressor: str, nll: np.ndarray, elbo: np.ndarray, bits: np.ndarray,
-            latent_nn: Optional[np.ndarray] = None) -> "Combination":
-        """The kind's terms with their references: ``nll``, ``elbo``, ``bits`` (and for a ``-nn`` kind
-        ``latent_nn``) of the reference (val) images."""
-        stats = statistics(nll, elbo, bits, compressor, latent_nn)
-        terms = recipe(compressor, neighbours=latent_nn is not None)
-        return cls(compressor, tuple(Term(name, tail, np.sort(stats[name])) for name, tail in terms),
-                   beyond="exponential")
+    def fit(cls, kind: str, nll: np.ndarray, elbo: np.ndarray, bits: np.ndarray,
+            latent: Optional[Mapping[str, np.ndarray]] = None) -> "Combination":
+        """``kind``'s terms with their references: ``nll``, ``elbo``, ``bits`` and the ``latent`` outputs its
+        terms need (``latent_needs``) of the reference (val) images."""
+        compressor = compressor_of(kind)
+        stats = statistics(nll, elbo, bits, compressor, latent)
+        missing = [name for name, _, _ in recipe(kind) if name not in stats]
+        if missing:
+            raise ValueError(f"kind {kind!r} needs {missing} of the reference images")
+        return cls(compressor, tuple(Term(name, tail, np.sort(stats[name]), counted)
+                                     for name, tail, counted in recipe(kind)), beyond="exponential")
 
     @classmethod
     def from_dict(cls, spec: Mapping) -> "Combination":
@@ -183,8 +232,10 @@ class Combination:
         terms = []
         for term in spec.get("terms") or ():
             reference = np.asarray(term["reference"], dtype=np.float64)
-            terms.append(Term(str(term["statistic"]), str(term["tail"]), np.sort(reference)))
-        known = set(statistics(np.zeros(1), np.zeros(1), np.zeros(1), compressor, np.zeros(1)))
+            terms.append(Term(str(term["statistic"]), str(term["tail"]), np.sort(reference),
+                              str(term.get("counted", "whole"))))
+        every = {name: np.zeros(1) for _, name in LATENT_STATISTICS.values()}
+        known = set(statistics(np.zeros(1), np.zeros(1), np.zeros(1), compressor, every))
         if not terms or any(t.statistic not in known for t in terms):
             raise ValueError(f"combination terms must be some of {sorted(known)}, got "
                              f"{[t.statistic for t in terms]}")
@@ -192,38 +243,51 @@ class Combination:
 
     def to_dict(self) -> Dict:
         return {"method": "fisher", "compressor": self.compressor, "reference_split": "val", "beyond": self.beyond,
-                "terms": [{"statistic": t.statistic, "tail": t.tail, "n": len(t.reference),
+                "terms": [{"statistic": t.statistic, "tail": t.tail, "counted": t.counted, "n": len(t.reference),
                            "reference": [float(v) for v in t.reference]} for t in self.terms]}
 
     def scores(self, nll: np.ndarray, elbo: np.ndarray, bits: np.ndarray,
-               latent_nn: Optional[np.ndarray] = None) -> np.ndarray:
-        """-sum_i ln p_i per image (nats), float64 (N,); each row on its own (see the module docstring).
-        ``latent_nn``: the images' ``latent_neighbour_distance``, which a kind that ``needs_neighbours`` must get."""
-        if self.needs_neighbours and latent_nn is None:
-            raise ValueError("this combination tests latent-nn: pass the images' latent_neighbour_distance")
-        stats = statistics(nll, elbo, bits, self.compressor, latent_nn)
+               latent: Optional[Mapping[str, np.ndarray]] = None) -> np.ndarray:
+        """The sum of the terms' surprises per image (nats), float64 (N,); each row on its own (see the module
+        docstring). ``latent``: the images' latent outputs by name, every one in ``latent_needs``."""
+        missing = sorted(self.latent_needs - set(latent or ()))
+        if missing:
+            raise ValueError(f"this combination tests {missing}: pass the images' artifact outputs of those names")
+        stats = statistics(nll, elbo, bits, self.compressor, latent)
         p = np.stack([reference_p_values(t.reference, stats[t.statistic], t.tail) for t in self.terms], axis=1)
         if self.beyond == "counts":
             return np.array([-math.fsum(math.log(v) for v in row) for row in p.tolist()], dtype=np.float64)
         tails = np.stack([t.past_reference(stats[t.statistic]) for t in self.terms], axis=1)
+        whole = [t.counted == "whole" for t in self.terms]
         rows = zip(p.tolist(), tails.tolist())
-        return np.array([math.fsum([-math.log(v) for v in row] + extra) for row, extra in rows], dtype=np.float64)
+        return np.array([math.fsum([-math.log(v) for v, w in zip(row, whole) if w] + extra) for row, extra in rows],
+                        dtype=np.float64)
 
 
-def describe(compressor: str, neighbours: bool = False) -> Dict:
-    """The artifact's ``scoring.kinds[fisher-<c>]`` (``fisher-<c>-nn`` with ``neighbours``) without its fitted
-    combination."""
-    terms = " + ".join(f"{name} ({tail})" for name, tail in recipe(compressor, neighbours))
-    described = {"formula": f"-sum ln p_i over reference p-values of {terms}, each continued past the reference's "
-                            "extreme by an exponential tail; Fisher's method", "units": "nats",
-                 "complexity": complexity.describe(compressor),
-                 "reference": REFERENCE + (NN_REFERENCE if neighbours else "")}
-    if neighbours:
+def describe(kind: str) -> Dict:
+    """The artifact's ``scoring.kinds[kind]`` for a combined kind, without its fitted combination."""
+    compressor = compressor_of(kind)
+    terms = recipe(kind)
+    whole = " + ".join(f"{name} ({tail})" for name, tail, counted in terms if counted == "whole")
+    guards = " + ".join(f"{name} ({tail})" for name, tail, counted in terms if counted == "beyond")
+    formula = f"-sum ln p_i over reference p-values of {whole}, each continued past the reference's extreme by an " \
+              "exponential tail"
+    if guards:
+        formula += f"; plus the guards {guards}, each counted only past the reference's extreme (its tail)"
+    described = {"formula": formula, "units": "nats", "complexity": complexity.describe(compressor),
+                 "reference": DENSITY_REFERENCE if kind.startswith(DENSITY_PREFIX) else
+                 REFERENCE + (NN_REFERENCE if kind.endswith(NN_SUFFIX) else "")}
+    if any(name == NEIGHBOURS for name, _, _ in terms):
         described["neighbours"] = ("latent-nn: Euclidean distance from the posterior mean to the nearest posterior "
                                    "mean of the artifact's latent_bank (training images), by its "
                                    "latent_neighbour_distance method")
+    if any(name == DENSITY for name, _, _ in terms):
+        described["density"] = ("latent-density: -log q(f(x)), f(x) = (posterior mean, mean posterior log-variance), "
+                                "q the artifact's mixture of full-covariance Gaussians fitted to the training images' "
+                                "features (class by class when labelled), by its latent_log_density method")
     return described
 
 
-__all__: Sequence[str] = ("BEYOND", "Combination", "NEIGHBOURS", "NN_SUFFIX", "PREFIX", "Term", "describe", "recipe",
+__all__: Sequence[str] = ("BEYOND", "COUNTED", "Combination", "DENSITY", "DENSITY_PREFIX", "NEIGHBOURS", "NN_SUFFIX",
+                          "PREFIX", "Term", "compressor_of", "describe", "is_combined", "latent_needs", "recipe",
                           "reference_p_values", "statistics", "tail_scale")

@@ -43,17 +43,38 @@ NEIGHBOUR_METHODS = {
     "latent_neighbour_distance": "latent_neighbour_distance(x: float32[B,C,H,W] in [0,1]) -> distance[B]: "
     "Euclidean, from the posterior mean to the nearest row of latent_bank[N,D]",
 }
+# The latent density's method, listed in ``methods`` by artifacts that carry one (buffers ``density_*``: a mixture
+# of full-covariance Gaussians over each image's latent features); the ``latent-density`` statistic of the
+# density-<c> score kinds.
+DENSITY_METHODS = {
+    "latent_log_density": "latent_log_density(x: float32[B,C,H,W] in [0,1]) -> log q(f(x))[B], float64 nats: "
+    "f(x) = (posterior mean, mean posterior log-variance) [B,D+1], q the mixture of density_means[M,D+1], "
+    "density_precision_cholesky[M,D+1,D+1] and density_log_constant[M]",
+}
+# Per-image statistics of where an image lands in latent space, each computed by one exported method that an
+# artifact lists when it carries what the method needs: statistic (as combined kinds' terms name it) ->
+# (method, the output's name beside the score's outputs).
+LATENT_STATISTICS = {
+    "latent-nn": ("latent_neighbour_distance", "latent_nn"),
+    "latent-density": ("latent_log_density", "latent_log_density"),
+}
 PRIORS = ("standard", "vamp")  # N(0, I); the VampPrior (a uniform mixture of posteriors at pseudo-inputs)
 # Anomaly score kinds, best first (measured: docs/results.md). A writer records the first it computed as
 # ``scoring.default``; a reader that cannot offer an artifact's default (no latent bank, a compressor it cannot
 # reproduce) uses the first of these it can offer, else ``nll``.
-PREFERRED_KINDS = ("fisher-bz2-nn", "fisher-bz2", "nll-minus-bz2")
+PREFERRED_KINDS = ("density-bz2", "fisher-bz2-nn", "fisher-bz2", "nll-minus-bz2")
 
 
 def lists_latent_bank(document: Mapping[str, Any]) -> bool:
     """Whether a metadata document (or ``Metadata``) lists the latent bank's methods (``NEIGHBOUR_METHODS``)."""
     methods = document.get("methods") or {}
     return all(name in methods for name in NEIGHBOUR_METHODS)
+
+
+def latent_outputs(document: Mapping[str, Any]) -> Dict[str, str]:
+    """The latent statistics a metadata document (or ``Metadata``) lists the methods of: output name -> method."""
+    methods = document.get("methods") or {}
+    return {output: method for method, output in LATENT_STATISTICS.values() if method in methods}
 
 
 def preferred_kind(offered: Iterable[str]) -> str:

@@ -38,7 +38,7 @@ def create_app(model_path: Path) -> FastAPI:
     def score_body(n: int) -> bytes:
         zeros = np.zeros(n, np.float32)
         outputs = {"iw_ll": zeros, "elbo": zeros, "rec": zeros, "kl": zeros, "log_w": np.zeros((n, k), np.float32),
-                   **({"latent_nn": zeros} if kind.needs_neighbours else {})}
+                   **{output: zeros for output in kind.latent_needs}}
         bits = None if kind.compressor is None else np.zeros(n)  # the same body size, no compression work
         return common.anomaly_body(outputs, shape, kind, k, bits)
 

@@ -67,7 +67,7 @@ class VAEAPI(ls.LitAPI):
                 mu, logvar = (common.to_numpy(t) for t in self.module.encode(x))
                 return [common.encode_body(m, v) for m, v in zip(common.split_rows(mu, sizes),
                                                                   common.split_rows(logvar, sizes))]
-            outputs = common.run_score(self.module, x, self.noise, self.kind.needs_neighbours)
+            outputs = common.run_score(self.module, x, self.noise, self.kind.latent_needs)
             outputs["bits"] = self.kind.bits(np.concatenate(inputs))
             parts = {name: common.split_rows(v, sizes) if v is not None else [None] * len(sizes)
                      for name, v in outputs.items()}

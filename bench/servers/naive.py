@@ -42,7 +42,7 @@ def create_app(model_path: Path, threads: int, device: str = "cpu") -> FastAPI:
 
     def score(images: np.ndarray) -> bytes:
         with torch.inference_mode():
-            outputs = common.run_score(module, common.to_tensor(images, device), noise, kind.needs_neighbours)
+            outputs = common.run_score(module, common.to_tensor(images, device), noise, kind.latent_needs)
         return common.anomaly_body(outputs, shape, kind, shape.score_k, kind.bits(images))
 
     def sample(n: int, seed: int) -> bytes:

@@ -80,6 +80,7 @@ class AnomalyResult:
     score_nats: np.ndarray  # the requested score kind, higher = stranger; p_value and is_anomaly refer to it
     complexity_bits: np.ndarray  # compressed input size in bits for nll-minus-<compressor> kinds, else NaN
     neighbour_distance: np.ndarray  # latent distance to the nearest training image for fisher-<c>-nn kinds, else NaN
+    latent_density_nats: np.ndarray  # -log density of the latent features for density-<c> kinds, else NaN
     nll_nats: np.ndarray  # importance-weighted negative log-likelihood
     nll_bits_per_dim: np.ndarray
     nll_se_nats: np.ndarray  # Monte Carlo standard error of nll_nats
@@ -90,7 +91,7 @@ class AnomalyResult:
     p_value: np.ndarray  # conformal p-value against the artifact's calibration scores; NaN when uncalibrated
     percentile: np.ndarray
     is_anomaly: Optional[np.ndarray]  # bool (p_value <= alpha); None when uncalibrated
-    score: str  # the score kind: nll, or nll-minus-<compressor>
+    score: str  # the score kind: nll, nll-minus-<compressor>, fisher-<compressor>[-nn], density-<compressor>
     k: int  # importance samples used
     calibration: Dict[str, Any]  # calibrated, n, k (the calibration's), alpha, tail, threshold_nats
     model_sha256: Optional[str] = None  # the artifact that answered: its calibration made the p-values
@@ -151,8 +152,9 @@ def model_sha256(response: httpx.Response) -> Optional[str]:
 
 
 # AnomalyResult's per-image float columns: what _anomaly reads from every row of the response.
-_FLOAT_COLUMNS = ("score_nats", "complexity_bits", "neighbour_distance", "nll_nats", "nll_bits_per_dim", "nll_se_nats",
-                  "ess", "elbo_nats", "reconstruction_nats", "kl_nats", "p_value", "percentile")
+_FLOAT_COLUMNS = ("score_nats", "complexity_bits", "neighbour_distance", "latent_density_nats", "nll_nats",
+                  "nll_bits_per_dim", "nll_se_nats", "ess", "elbo_nats", "reconstruction_nats", "kl_nats", "p_value",
+                  "percentile")
 
 
 @dataclass(frozen=True)

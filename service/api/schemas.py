@@ -87,11 +87,16 @@ class AnomalyRow(BaseModel):
                                           "is_anomaly are about this number.")
     complexity_bits: Optional[float] = Field(description="Compressed size of the input in bits, for the "
                                                          "nll-minus-<compressor> kinds (score = nll - ln 2 * this) "
-                                                         "and the fisher-<compressor> kinds (one of their terms).")
+                                                         "and the combined kinds (fisher-<compressor>, "
+                                                         "density-<compressor>: terms of theirs).")
     neighbour_distance: Optional[float] = Field(
         default=None, description="For the fisher-<compressor>-nn kinds (one of their terms): Euclidean distance from "
                                   "the input's posterior mean to the nearest posterior mean of the artifact's latent "
                                   "bank of training images; null for the other kinds.")
+    latent_density_nats: Optional[float] = Field(
+        default=None, description="For the density-<compressor> kinds (their main term): -log of the density of the "
+                                  "input's latent features (posterior mean, mean posterior log-variance) under the "
+                                  "artifact's mixture fitted to the training images, nats; null for the other kinds.")
     nll_nats: float = Field(description="Importance-weighted negative log-likelihood (the 'nll' score kind).")
     nll_bits_per_dim: float
     nll_se_nats: Optional[float] = Field(description="Monte Carlo standard error of nll_nats (delta method).")

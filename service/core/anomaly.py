@@ -17,8 +17,8 @@ async def score_images(batcher: Batcher, model: ServedModel, images: np.ndarray,
                        k: int, alpha: float, tail: str, deadline: Optional[float],
                        abandoned: Optional[Awaitable]) -> Tuple[List[dict], dict]:
     """Per image, the /anomaly-score row of ``kind`` at ``k`` samples; and the calibration summary."""
-    # A kind that tests the latent bank gets each row's distance from the same batch call as its score.
-    params = ScoreCall(k, neighbours=True) if kind.needs_neighbours else k
+    # A kind that tests latent statistics gets each row's from the same batch call as its score.
+    params = ScoreCall(k, latent=kind.latent_needs) if kind.latent_needs else k
     scored = batcher.submit("score", images, params=params, deadline=deadline, abandoned=abandoned,
                             runner=model.runtime)
     if kind.compressor is None:

@@ -13,7 +13,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, FrozenSet, Hashable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -22,8 +22,7 @@ from service.core.devices import pin_cpu_numerics, pin_gpu_numerics, resolve_dev
 from vae_artifact import noise
 from vae_artifact.errors import ArtifactError
 from vae_artifact.io import file_sha256, load_artifact
-from vae_artifact.metadata import (KERNELS as METHOD_KERNELS, NEIGHBOUR_METHODS, PRIOR_METHODS, Metadata,
-                                   lists_latent_bank)
+from vae_artifact.metadata import KERNELS as METHOD_KERNELS, PRIOR_METHODS, Metadata, latent_outputs
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +41,12 @@ __all__ = ["ArtifactError", "KERNELS", "ModelInfo", "ModelRuntime", "SCORE_DECOD
 
 @dataclass(frozen=True)
 class ScoreCall:
-    """A score batch's parameters (the batcher batches rows of equal parameters): K, and whether each row also
-    gets its ``latent_nn`` (the artifact's ``latent_neighbour_distance``, for the fisher-<c>-nn kinds)."""
+    """A score batch's parameters (the batcher batches rows of equal parameters): K, and the latent outputs each
+    row also gets (``latent_nn`` from the artifact's ``latent_neighbour_distance`` for the fisher-<c>-nn kinds,
+    ``latent_log_density`` from its ``latent_log_density`` for the density-<c> kinds)."""
 
     k: int
-    neighbours: bool = False
+    latent: FrozenSet[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -106,10 +106,11 @@ class ModelRuntime:
         meta: Metadata = self.metadata
         if not meta.prior.is_standard and not all(hasattr(self.module, name) for name in PRIOR_METHODS):
             raise ArtifactError(f"{path}: the {meta.prior.name} prior needs the artifact's {list(PRIOR_METHODS)}")
-        # A latent bank (listed in ``methods``): the fisher-<c>-nn score kinds are offered.
-        self.has_neighbours = lists_latent_bank(meta)
-        if self.has_neighbours and not all(hasattr(self.module, name) for name in NEIGHBOUR_METHODS):
-            raise ArtifactError(f"{path}: the metadata lists {list(NEIGHBOUR_METHODS)}, the module lacks them")
+        # The latent statistics' methods it lists (a latent bank, a latent density): output name -> method.
+        self.latent_methods = latent_outputs(meta)
+        missing = [method for method in self.latent_methods.values() if not hasattr(self.module, method)]
+        if missing:
+            raise ArtifactError(f"{path}: the metadata lists {missing}, the module lacks them")
         self.info = ModelInfo(
             channels=meta.image.channels, height=meta.image.height, width=meta.image.width,
             latent_dim=meta.latent_dim, num_dims=meta.image.num_dims, score_k=meta.scoring.k,
@@ -124,14 +125,14 @@ class ModelRuntime:
         self._pin = self.device.type == "cuda"
         # Per kernel, the smallest call size from which every row has the bits it has in the largest call:
         # smaller calls are padded up to it. Measured by warm_up.
-        self.exact_from: Dict[str, int] = {kernel: 1 for kernel in (*KERNELS, "neighbours")}
+        self.exact_from: Dict[str, int] = {kernel: 1 for kernel in (*KERNELS, *self.latent_methods)}
 
     # -- kernels -------------------------------------------------------------------------------
     def run(self, kernel: str, rows: np.ndarray, params: Hashable = None) -> Dict[str, np.ndarray]:
         """The batcher's one entry point: ``kernel`` on ``rows``; ``params`` is the score's K or ScoreCall."""
         if kernel == "score":
             score = self._score_params(params)
-            return self.score(rows, score.k, neighbours=score.neighbours)
+            return self.score(rows, score.k, latent=score.latent)
         if kernel in ("encode", "decode"):
             return self.encode(rows) if kernel == "encode" else self.decode(rows)
         if kernel == "prior":
@@ -159,20 +160,27 @@ class ModelRuntime:
 
         return self._calls(call, rows, ("z",), self.call_sizes, self.exact_from["prior"])
 
-    @torch.inference_mode()
-    def neighbours(self, images: np.ndarray) -> Dict[str, np.ndarray]:
-        """uint8 (N, C, H, W) -> latent_nn (N,) float32: the artifact's ``latent_neighbour_distance``."""
-        if not self.has_neighbours:
-            raise ValueError("this artifact has no latent bank")
-        return self._calls(lambda t: (self.module.latent_neighbour_distance(t),), images, ("latent_nn",),
-                           self.call_sizes, self.exact_from["neighbours"])
+    @property
+    def latent_outputs(self) -> FrozenSet[str]:
+        """The latent outputs this artifact computes (``latent_nn``, ``latent_log_density``)."""
+        return frozenset(self.latent_methods)
 
     @torch.inference_mode()
-    def score(self, images: np.ndarray, k: int, neighbours: bool = False) -> Dict[str, np.ndarray]:
+    def latent(self, images: np.ndarray, output: str) -> Dict[str, np.ndarray]:
+        """uint8 (N, C, H, W) -> {output: (N,)}: the artifact's method of that latent statistic
+        (``latent_nn``: latent_neighbour_distance, float32; ``latent_log_density``: latent_log_density, float64)."""
+        if output not in self.latent_methods:
+            raise ValueError(f"this artifact has no {output!r}; it has {sorted(self.latent_methods)}")
+        method = getattr(self.module, self.latent_methods[output])
+        return self._calls(lambda t: (method(t),), images, (output,), self.call_sizes, self.exact_from[output])
+
+    @torch.inference_mode()
+    def score(self, images: np.ndarray, k: int, latent: FrozenSet[str] = frozenset()) -> Dict[str, np.ndarray]:
         """uint8 (N, C, H, W) -> iw_ll, elbo, rec, kl (N,) and log_w (N, K); noise fixed per K, shared by rows.
-        With ``neighbours`` also latent_nn (N,), by the ``neighbours`` kernel in the same batcher call."""
-        if neighbours:
-            return {**self.score(images, k), **self.neighbours(images)}
+        With ``latent`` also those latent outputs (N,), by their kernels in the same batcher call."""
+        if latent:
+            return {**self.score(images, k), **{name: v for output in sorted(latent)
+                                               for name, v in self.latent(images, output).items()}}
         eps_k = self._noise_for(k)
 
         def score(x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
@@ -217,9 +225,9 @@ class ModelRuntime:
             if not self.metadata.prior.is_standard:
                 for b in self.call_sizes:
                     self.sample_prior(np.zeros((b, d + 1), np.float32))
-            if self.has_neighbours:
+            for output in self.latent_methods:
                 for b in self.call_sizes:
-                    self.neighbours(np.zeros((b, c, h, w), np.uint8))
+                    self.latent(np.zeros((b, c, h, w), np.uint8), output)
         return time.perf_counter() - started
 
     def _probe_exact_sizes(self, k: int) -> None:
@@ -249,8 +257,8 @@ class ModelRuntime:
             "decode": (lambda n: self.decode(latents[:n]), self.call_sizes),
             "score": (score_in_calls_of, score_sizes),
         }
-        if self.has_neighbours:
-            calls["neighbours"] = (lambda n: self.neighbours(images[:n]), self.call_sizes)
+        for output in self.latent_methods:
+            calls[output] = (lambda n, output=output: self.latent(images[:n], output), self.call_sizes)
         if not self.metadata.prior.is_standard:
             component = rng.integers(0, self.metadata.prior.components, size=(top, 1))
             mixture = np.concatenate([latents, component], axis=1).astype(np.float32)

@@ -8,14 +8,16 @@ that computed the calibration scores at training time.
 
 Score kinds (``scoring.kinds`` in the artifact; every one in nats, higher = more anomalous): ``nll``,
 ``nll-minus-<compressor>`` = nll - ln 2 * compressed bits (Serrà et al. 2020), which stops simple inputs
-(MNIST digits under a Fashion-MNIST model) from looking more normal than the training data, and
-``fisher-<compressor>`` (``vae_artifact.combination``), which also flags inputs far simpler than normal data.
+(MNIST digits under a Fashion-MNIST model) from looking more normal than the training data, and the combined
+kinds (``vae_artifact.combination``): ``fisher-<compressor>[-nn]``, which also flags inputs far simpler than
+normal data, and ``density-<compressor>``, which asks where an image's encoding lands among the training
+classes.
 """
 
 import logging
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, FrozenSet, List, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -38,19 +40,19 @@ class ScoreKind:
     compressor: Optional[str]  # None: the NLL itself; else nll - ln 2 * compressed bits, or combined with them
     calibration: Optional[Calibration]
     description: dict  # the artifact's scoring.kinds[name]
-    combination: Optional[Combination] = None  # a fisher-<compressor> kind's fitted terms
+    combination: Optional[Combination] = None  # a combined kind's fitted terms
 
     @property
-    def needs_neighbours(self) -> bool:
-        """Whether its score needs each image's ``latent_nn`` (a fisher-<c>-nn kind)."""
-        return self.combination is not None and self.combination.needs_neighbours
+    def latent_needs(self) -> FrozenSet[str]:
+        """The latent outputs its score needs of each image (``latent_nn``, ``latent_log_density``)."""
+        return frozenset() if self.combination is None else self.combination.latent_needs
 
     def scores(self, nll: np.ndarray, elbo: np.ndarray, bits: Optional[np.ndarray],
-               latent_nn: Optional[np.ndarray] = None) -> np.ndarray:
+               latent: Optional[Mapping[str, np.ndarray]] = None) -> np.ndarray:
         """This kind's scores (nats) of images with NLLs ``nll``, ELBOs ``elbo`` (nats, the same ``score`` call),
-        this kind's compressed sizes ``bits`` and, for a kind that ``needs_neighbours``, ``latent_nn``."""
+        this kind's compressed sizes ``bits`` and the ``latent`` outputs it needs (``latent_needs``)."""
         if self.combination is not None:
-            return self.combination.scores(nll, elbo, bits, latent_nn)
+            return self.combination.scores(nll, elbo, bits, latent)
         return complexity.corrected(nll, bits)
 
 
@@ -63,11 +65,11 @@ class ScoreKinds:
     levels: int
 
     @classmethod
-    def from_metadata(cls, metadata: Metadata, *, neighbours: bool = False) -> "ScoreKinds":
+    def from_metadata(cls, metadata: Metadata, *, latent: FrozenSet[str] = frozenset()) -> "ScoreKinds":
         """Kinds from ``scoring.kinds`` (older artifacts: ``nll`` only). A kind whose compressor this service
         cannot reproduce exactly, or whose combination it cannot read, is left out with a warning: its calibration
-        would not match its scores; so is a kind that needs a latent bank without ``neighbours`` (the
-        artifact's ``latent_neighbour_distance``)."""
+        would not match its scores; so is a kind that needs a latent output the artifact does not compute
+        (``latent``: those it does, ``ModelRuntime.latent_outputs``)."""
         kinds = {}
         for name, description in metadata.scoring.kinds.items():
             spec = description.get("complexity")
@@ -85,8 +87,9 @@ class ScoreKinds:
                 if spec is None or combined.compressor != spec["name"]:
                     log.warning("score kind %r: its combination's compressor is not its own; not offered", name)
                     continue
-                if combined.needs_neighbours and not neighbours:
-                    log.warning("score kind %r needs the artifact's latent bank, which it lacks; not offered", name)
+                if not combined.latent_needs <= latent:
+                    log.warning("score kind %r needs the artifact's %s, which it lacks; not offered", name,
+                                sorted(combined.latent_needs - latent))
                     continue
             kinds[name] = ScoreKind(name, spec["name"] if spec else None, Calibration.from_metadata(metadata, name),
                                     dict(description), combined)
@@ -128,9 +131,9 @@ def score_rows(outputs: Dict[str, np.ndarray], *, num_dims: int, calibration: Op
     if not applies(calibration, k):
         calibration = None
     nll = -outputs["iw_ll"].astype(np.float64)
-    latent_nn = outputs.get("latent_nn")
+    latent_nn, log_density = outputs.get("latent_nn"), outputs.get("latent_log_density")
     score = (complexity.corrected(nll, complexity_bits) if kind is None
-             else kind.scores(nll, outputs["elbo"], complexity_bits, latent_nn))
+             else kind.scores(nll, outputs["elbo"], complexity_bits, outputs))
     stats = importance_stats(outputs["log_w"])
     to_bits = 1.0 / (num_dims * math.log(2.0))
     rows: List[dict] = []
@@ -142,6 +145,7 @@ def score_rows(outputs: Dict[str, np.ndarray], *, num_dims: int, calibration: Op
             "score_nats": float(score[i]),
             "complexity_bits": None if complexity_bits is None else float(complexity_bits[i]),
             "neighbour_distance": None if latent_nn is None else float(latent_nn[i]),
+            "latent_density_nats": None if log_density is None else float(-log_density[i]),
             "nll_nats": float(nll[i]),
             "nll_bits_per_dim": float(nll[i] * to_bits),
             "nll_se_nats": _finite_or_none(stats["se"][i]),

@@ -22,7 +22,7 @@ class ServedModel:
     def of(cls, runtime: ModelRuntime, *, max_pixels: int) -> "ServedModel":
         """``runtime``'s artifact as served, uploads limited to ``max_pixels`` source pixels per image."""
         info = runtime.info
-        return cls(runtime, ScoreKinds.from_metadata(runtime.metadata, neighbours=runtime.has_neighbours),
+        return cls(runtime, ScoreKinds.from_metadata(runtime.metadata, latent=runtime.latent_outputs),
                    ImageSpec(info.channels, info.height, info.width, max_pixels=max_pixels))
 
     @property

@@ -42,8 +42,12 @@ SCORE_FIELDS = {"score": "score_nats", "nll": "nll_nats", "nll_bits_per_dim": "n
                 "kl": "kl_nats"}
 CALIBRATED = {"p_value": "p_value", "percentile": "percentile", "is_anomaly": "is_anomaly"}
 # Outputs only some score kinds have: the compressed size (kinds with a compressor), the latent distance to the
-# nearest training image (fisher-<c>-nn kinds). Elsewhere that endpoint gives null; here they are left out.
-PER_KIND = {"complexity_bits": "complexity_bits", "neighbour_distance": "neighbour_distance"}
+# nearest training image (fisher-<c>-nn kinds), the latent density's -log (density-<c> kinds). Elsewhere that
+# endpoint gives null; here they are left out.
+PER_KIND = {"complexity_bits": "complexity_bits", "neighbour_distance": "neighbour_distance",
+            "latent_density": "latent_density_nats"}
+# The latent output a per-kind output comes from: offered when the kind needs it.
+PER_KIND_LATENT = {"neighbour_distance": "latent_nn", "latent_density": "latent_log_density"}
 
 # (batcher, served model, input arrays, parameters, deadline, abandoned) -> (output arrays, response parameters)
 Run = Callable[[Batcher, ServedModel, Dict[str, np.ndarray], Any, float, Awaitable],
@@ -104,8 +108,8 @@ class ScoreParams:
             return self.calibrated
         if output == "complexity_bits":
             return self.kind.compressor is not None
-        if output == "neighbour_distance":
-            return self.kind.needs_neighbours
+        if output in PER_KIND_LATENT:
+            return PER_KIND_LATENT[output] in self.kind.latent_needs
         return True
 
 

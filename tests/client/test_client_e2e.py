@@ -210,8 +210,11 @@ async def test_anomaly_score(vae, digits: np.ndarray):
     plain = await call(vae.anomaly_score(digits, score="nll"))  # the score kind the p-values refer to
     assert plain.score == "nll" and np.isnan(plain.complexity_bits).all()
     np.testing.assert_array_equal(plain.score_nats, plain.nll_nats)
-    assert normal.score == "fisher-bz2-nn" and (normal.complexity_bits > 0).all()  # the default (docs/anomaly.md)
-    assert (normal.neighbour_distance >= 0).all() and np.isnan(plain.neighbour_distance).all()
+    assert normal.score == "density-bz2" and (normal.complexity_bits > 0).all()  # the default (docs/anomaly.md)
+    assert np.isfinite(normal.latent_density_nats).all() and np.isnan(normal.neighbour_distance).all()
+    assert np.isnan(plain.latent_density_nats).all()
+    nearest = await call(vae.anomaly_score(digits, score="fisher-bz2-nn"))
+    assert (nearest.neighbour_distance >= 0).all() and np.isnan(nearest.latent_density_nats).all()
     corrected = await call(vae.anomaly_score(digits, score="nll-minus-bz2"))  # NLL - compressed size
     np.testing.assert_allclose(corrected.score_nats, corrected.nll_nats - corrected.complexity_bits * np.log(2),
                                rtol=1e-5)

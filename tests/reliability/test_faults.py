@@ -13,7 +13,7 @@ import threading
 import time
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import AsyncIterator, Dict, Iterator, List, Optional
+from typing import AsyncIterator, Dict, FrozenSet, Iterator, List, Optional
 
 import httpx
 import numpy as np
@@ -111,9 +111,9 @@ class FailingKernels(ModelRuntime):
         self._check((z == POISON).all(axis=1))
         return super().decode(z)
 
-    def score(self, images: np.ndarray, k: int, neighbours: bool = False) -> Dict[str, np.ndarray]:
+    def score(self, images: np.ndarray, k: int, latent: FrozenSet[str] = frozenset()) -> Dict[str, np.ndarray]:
         self._check((images == POISON).all(axis=(1, 2, 3)))
-        return super().score(images, k, neighbours)
+        return super().score(images, k, latent)
 
     @staticmethod
     def _check(poisoned: np.ndarray) -> None:
@@ -147,6 +147,9 @@ class TightMemory:
 
     def latent_neighbour_distance(self, x):
         return self._call("latent_neighbour_distance", x)
+
+    def latent_log_density(self, x):
+        return self._call("latent_log_density", x)
 
 
 class SmallDevice(ModelRuntime):

@@ -172,8 +172,9 @@ def test_a_person_sees_the_model_its_reconstructions_scores_samples_interpolatio
             text = row.inner_text()
             assert shown_number(text, re.escape(f"Score ({kind})")) == pytest.approx(expected["score_nats"], abs=0.006)
             assert shown_number(text, "p-value") == pytest.approx(expected["p_value"], rel=0.01, abs=0.0006)
-            # The default kind's fourth term: how far the image lands from every training image.
-            assert shown_number(text, "Latent distance") == pytest.approx(expected["neighbour_distance"], abs=0.0006)
+            # The default kind's main term: where the image lands among the training classes.
+            assert shown_number(text, "Latent density") == pytest.approx(expected["latent_density_nats"], abs=0.006)
+            assert "Latent distance" not in text  # not a term of the default kind
 
     # Samples: a seed typed in and Enter draws the grid; the same images the API gives for that seed.
     page.get_by_role("spinbutton", name="Images", exact=True).fill("16")

@@ -31,7 +31,8 @@ def grid_images(n: int, seed: int = 0) -> torch.Tensor:
 def artifact(tmp_path_factory):
     vae = small_vae("logistic")
     path = tmp_path_factory.mktemp("export") / "vae.ts"
-    meta = export_artifact(vae, path, export.build_metadata(vae, data={"name": "unit"}), check_x=grid_images(4))
+    serving = ServingModule(vae)
+    meta = export_artifact(serving, path, export.build_metadata(serving, data={"name": "unit"}), check_x=grid_images(4))
     return path, vae, meta
 
 
@@ -52,9 +53,9 @@ def resave(src: Path, dst: Path, edit_meta=None, edit_module=None) -> Path:
 def test_scripted_matches_eager(tmp_path, likelihood):
     vae = small_vae(likelihood)
     path = tmp_path / "vae.ts"
-    export_artifact(vae, path, export.build_metadata(vae), check_x=grid_images(4))
+    eager = ServingModule(vae)
+    export_artifact(eager, path, export.build_metadata(eager), check_x=grid_images(4))
     module, _ = load_artifact(path)
-    eager = ServingModule(vae).eval()
     x, eps = grid_images(6, seed=1), torch.randn(5, 6, 4, generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         for a, b in zip(eager.encode(x), module.encode(x)):
@@ -181,8 +182,8 @@ def test_the_latent_bank_and_its_nearest_neighbour_distance(tmp_path, artifact, 
     assert export.latent_bank(vae, Split(split.images[:7], split.labels[:7]), 17, n=40).shape == (7, 4)
 
     path = tmp_path / "vae.ts"
-    meta = export_artifact(vae, path, export.build_metadata(vae, neighbours=True), check_x=grid_images(4),
-                           latent_bank=bank)
+    serving = ServingModule(vae, bank)
+    meta = export_artifact(serving, path, export.build_metadata(serving), check_x=grid_images(4))
     assert set(meta["methods"]) == {"encode", "decode", "score", "latent_neighbour_distance"}
     module, _ = load_artifact(path)
     x = torch.cat([grid_images(8, seed=4), torch.from_numpy(to_8bit(split.images[picks[:2]], 17)).float() / 255])

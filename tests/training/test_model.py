@@ -87,7 +87,8 @@ def test_a_mixture_likelihood_writes_three_parameters_per_component_and_decodes_
     assert rec.shape == (2,) and torch.isfinite(rec).all()
     # The artifact scripts the same code: export compares every method with the eager model.
     x = torch.randint(0, 256, (2, 1, 28, 28)).float() / 255
-    written = export.export_artifact(vae, tmp_path / "vae.ts", export.build_metadata(vae), x)
+    serving = export.ServingModule(vae)
+    written = export.export_artifact(serving, tmp_path / "vae.ts", export.build_metadata(serving), x)
     assert written["model"]["config"]["mixture"] == 3
 
 

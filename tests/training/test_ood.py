@@ -172,8 +172,8 @@ def write_idx(directory: Path, prefix: str, images: np.ndarray, labels: np.ndarr
 
 def test_both_protocols_in_one_table(digits_artifact, tmp_path, capsys):
     """``python -m training ood protocols`` with a model given for each protocol (no training): IDX sources
-    shaped like MNIST and Fashion-MNIST (here 8x8 digits), every kind and baseline per protocol, the held-out
-    mean."""
+    shaped like MNIST and Fashion-MNIST (here 8x8 digits), every kind, baseline and candidate per protocol, each
+    group's mean and worst, and the checks on the default."""
     digits = load_dataset("digits", seed=0)
     images = to_8bit(np.concatenate([digits.train.images, digits.val.images, digits.test.images]), digits.levels)
     labels = np.concatenate([digits.train.labels, digits.val.labels, digits.test.labels])
@@ -181,18 +181,24 @@ def test_both_protocols_in_one_table(digits_artifact, tmp_path, capsys):
         keep = labels >= lo
         write_idx(tmp_path / "data" / name, "train", images[keep][:600, 0], labels[keep][:600])
         write_idx(tmp_path / "data" / name, "t10k", images[keep][600:, 0], labels[keep][600:])
-    argv = ["protocols", "--data-dir", str(tmp_path / "data"), "--holdout-classes", "1,3", "--work", str(tmp_path / "w"),
-            "--limit", "150"] + [f"--model={p}={digits_artifact}" for p in ("fashion", "mnist-no1", "mnist-no3")]
+    argv = ["protocols", "--data-dir", str(tmp_path / "data"), "--holdout-classes", "1,3", "--sets", "mnist",
+            "--work", str(tmp_path / "w"), "--limit", "150", "--candidates"] + [
+        f"--model={p}={digits_artifact}" for p in ("fashion", "mnist-no1", "mnist-no3")]
     assert ood_cli(argv) == 0
     summary = json.loads((tmp_path / "w" / "ood.json").read_text())
     assert list(summary["protocols"]) == ["fashion", "mnist-no1", "mnist-no3"]
     for result in summary["protocols"].values():
         assert set(result["kinds"]) == set(calibration.KINDS) and result["default"] == calibration.DEFAULT_KIND
         assert set(result["baselines"]) == {f"size-{c}" for c in complexity.COMPRESSORS}
+        assert {"knn-5", "mahalanobis", "rapp-sap", "rapp-nap", "density-means"} <= set(result["candidates"])
         assert 0 < result["n_normal"] <= 150 and 0 < result["n_ood"] <= 150
         assert all(0 <= m["fpr_at_alpha_0.05"] <= 1 for m in result["kinds"].values())
-    no1, no3 = summary["protocols"]["mnist-no1"]["kinds"], summary["protocols"]["mnist-no3"]["kinds"]
-    mean = summary["heldout_mean"][calibration.DEFAULT_KIND]
-    assert mean["auroc"] == pytest.approx((no1[calibration.DEFAULT_KIND]["auroc"] + no3[calibration.DEFAULT_KIND]["auroc"]) / 2)
+    assert [r["group"] for r in summary["protocols"].values()] == ["fashion-to-mnist", "mnist", "mnist"]
+    no1, no3 = (summary["protocols"][p]["kinds"][calibration.DEFAULT_KIND]["auroc"] for p in ("mnist-no1", "mnist-no3"))
+    group = summary["groups"]["mnist"]
+    assert group["mean"][calibration.DEFAULT_KIND]["auroc"] == pytest.approx((no1 + no3) / 2)
+    assert group["min_auroc"][calibration.DEFAULT_KIND] == min(no1, no3)
+    assert set(summary["checks"]) == {"below_plain", "fpr_outside_band"}
     printed = capsys.readouterr().out
-    assert f"{calibration.DEFAULT_KIND} (default)" in printed and "held-out mean" in printed and "size-bz2 (no model)" in printed
+    assert f"{calibration.DEFAULT_KIND} (default)" in printed and "MNIST, one class held out" in printed
+    assert "size-bz2 (no model)" in printed and "knn-5 (candidate)" in printed and "below_plain" in printed

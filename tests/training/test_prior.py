@@ -113,7 +113,8 @@ def test_export_round_trip_and_metadata(tmp_path, digits_dataset, prior):
     vae = small_vae(prior).eval()
     x = digits(digits_dataset, 8)
     path = tmp_path / "vae.ts"
-    written = export.export_artifact(vae, path, export.build_metadata(vae, data={"name": "unit"}), check_x=x)
+    serving = export.ServingModule(vae)
+    written = export.export_artifact(serving, path, export.build_metadata(serving, data={"name": "unit"}), check_x=x)
     module, meta = load_artifact(path)
     components = 7 if prior == "vamp" else 1
     assert (meta.prior.name, meta.prior.components) == (prior, components)

@@ -94,6 +94,27 @@ def test_an_artifact_without_a_latent_bank_is_given_one_with_its_own_weights(tmp
     assert len({tuple(row) for row in banked.encode(x)[0].tolist()}) == 16  # distinct means: not a vacuous check
 
 
+def test_an_artifact_without_a_latent_density_is_given_one_with_its_own_weights(tmp_path):
+    """``training.ood calibrate --latent-density``: the same weights, exported again with a density fitted on its
+    recorded train split, now offer density-bz2 as the default; every other kind's calibration stays what it
+    was, and the bank it had is kept."""
+    model = trained(tmp_path, "--no-latent-density")
+    module, meta = load_artifact(model)
+    assert "latent_log_density" not in meta["methods"] and "density-bz2" not in meta["scoring"]["kinds"]
+    assert meta["scoring"]["default"] == "fisher-bz2-nn"
+    out = tmp_path / "dense.ts"
+    calibration = recalibrate(model, out=out, latent_density=True)
+    dense, dense_meta = load_artifact(out)
+    assert "latent_log_density" in dense_meta["methods"] and dense_meta["scoring"]["default"] == "density-bz2"
+    assert dense_meta["latent_density"]["class_conditional"] and len(dense_meta["latent_density"]["classes"]) == 10
+    assert len(calibration["scores"]["density-bz2"]) == 144
+    for kind, scores in meta["calibration"]["scores"].items():
+        np.testing.assert_allclose(calibration["scores"][kind], scores, rtol=1e-5, atol=1e-3, err_msg=kind)
+    torch.testing.assert_close(dense.latent_bank, module.latent_bank, atol=0, rtol=0)
+    x = torch.from_numpy(load_dataset("digits", seed=0).test.images[:16]).float() / 16
+    torch.testing.assert_close(dense.encode(x), module.encode(x), atol=0, rtol=0)
+
+
 def test_ood_evaluation_gives_the_model_images_in_its_own_shape(tmp_path, capsys):
     """A model trained on digits at --image-size 12 (8x8 natively) is evaluated on digits resized the same way."""
     model = trained(tmp_path, "--image-size", "12")

@@ -3,8 +3,9 @@ calibration that turns scores into p-values.
 
     python -m training ood evaluate --model runs/fashion/vae.ts --normal idx:DATA/fashion-mnist --ood idx:DATA/mnist
     python -m training ood evaluate --model runs/mnist-no3/vae.ts --normal idx:DATA/mnist --holdout-class 3
-    python -m training ood protocols --data-dir DATA        # every protocol, every kind and baseline, one table
+    python -m training ood protocols --data-dir DATA --candidates   # every protocol, kind, baseline and candidate
     python -m training ood calibrate --model M.ts           # recompute the calibration from the recorded calib split
+    python -m training ood calibrate --model M.ts --latent-density   # add the latent density (density-bz2)
     python -m training ood calibrate --model OLD.ts --assume-training-defaults   # artifacts before the data recipe
     python -m training ood sweep-k --model runs/fashion/vae.ts --normal idx:... --ood idx:...  # SE and cost vs K
 """
@@ -20,7 +21,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from training import ood, protocols
-from training.calibration import artifact_neighbours, recalibrate
+from training.calibration import artifact_latent, recalibrate
 from vae_artifact.io import load_artifact
 
 FORMATTER = argparse.ArgumentDefaultsHelpFormatter
@@ -32,7 +33,7 @@ def cmd_evaluate(args: argparse.Namespace) -> Dict:
     if args.holdout_class is not None and classes is not None and args.holdout_class in classes:
         print(f"warning: {args.model} was trained on class {args.holdout_class}", file=sys.stderr)
     normal, anomalous = ood.test_sets(meta, args.normal, args.ood, args.holdout_class, args.limit)
-    result = ood.evaluate_artifact(module.score, meta, normal, anomalous, artifact_neighbours(module, meta))
+    result = ood.evaluate_artifact(module.score, meta, normal, anomalous, artifact_latent(module, meta))
     result.update(model=str(args.model), normal=args.normal, ood=args.ood, holdout_class=args.holdout_class)
     print(ood.format_table(result))
     return result
@@ -41,7 +42,8 @@ def cmd_evaluate(args: argparse.Namespace) -> Dict:
 def cmd_calibrate(args: argparse.Namespace) -> Dict:
     """Recompute every kind's calibration of an artifact from its own calib split and rewrite its metadata."""
     calibration = recalibrate(args.model, out=args.out, data=args.data, k=args.k,
-                              assume_defaults=args.assume_training_defaults, latent_bank=args.latent_bank)
+                              assume_defaults=args.assume_training_defaults, latent_bank=args.latent_bank,
+                              latent_density=args.latent_density)
     print(f"{args.out or args.model}: calibrated {list(calibration['scores'])} on n={calibration['n']} "
           f"with K={calibration['k']}")
     return calibration
@@ -95,12 +97,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     c = sub.add_parser("protocols", help="train (or reuse) a model per protocol; every kind and baseline, one table",
                        description=protocols.__doc__.split("\n\n")[0], formatter_class=FORMATTER)
     c.add_argument("--data-dir", type=Path, required=True, help="holds mnist/ and fashion-mnist/ (IDX files)")
-    c.add_argument("--holdout-classes", type=_classes, default=[1, 4, 7], help="one MNIST protocol per class")
+    c.add_argument("--holdout-classes", type=_classes, default=list(range(10)),
+                   help="one protocol per held-out class and data set")
+    c.add_argument("--sets", type=_sets, default=list(protocols.SETS),
+                   help="the data sets held out from class by class (comma-separated: "
+                        f"{','.join(protocols.SETS)}); Fashion-MNIST -> MNIST is always run")
+    c.add_argument("--candidates", action="store_true",
+                   help="also the detectors measured beside the kinds and not served (training.candidates)")
     c.add_argument("--work", type=Path, default=Path("runs/ood"), help="models, subsets and ood.json go here")
     c.add_argument("--model", type=_model_arg, action="append", default=[], metavar="PROTOCOL=PATH",
-                   help="use this artifact for a protocol (fashion, mnist-no<C>) instead of training one")
+                   help="use this artifact for a protocol (fashion, mnist-no<C>, fashion-no<C>) instead of "
+                        "training one")
     c.add_argument("--retrain", action="store_true", help="train again even where <work>/<protocol>/vae.ts exists")
-    c.add_argument("--epochs", type=int, default=20, help="training epochs per model (early stopping may end sooner)")
+    c.add_argument("--epochs", type=int, default=30, help="training epochs per model (early stopping may end sooner)")
     c.add_argument("--base-width", type=int, default=32, help="the model's conv width")
     c.add_argument("--k", type=int, default=16, help="importance samples: the served K (--score-k and --eval-k)")
     c.add_argument("--train-limit", type=int, default=None, help="train on the first N pool images (quick runs)")
@@ -120,6 +129,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     c.add_argument("--latent-bank", type=int, default=None, metavar="N",
                    help="an artifact without a latent bank: export it again with one of N training images (its "
                         "recorded train split; same weights), so that it offers the fisher-bz2-nn kind")
+    c.add_argument("--latent-density", action="store_true",
+                   help="export it again with a latent density fitted on its recorded train split (same weights; "
+                        "fitted again if it has one), so that it offers the density-bz2 kind")
     c.add_argument("--out", type=Path, default=None, help="write here instead of rewriting --model in place")
     return p.parse_args(argv)
 
@@ -129,6 +141,13 @@ def _model_arg(text: str) -> Tuple[str, Path]:
     if not sep or not path:
         raise argparse.ArgumentTypeError(f"--model takes PROTOCOL=PATH, got {text!r}")
     return name, Path(path)
+
+
+def _sets(text: str) -> List[str]:
+    sets = [s.strip() for s in text.split(",") if s.strip()]
+    if not all(s in protocols.SETS for s in sets):
+        raise argparse.ArgumentTypeError(f"expected some of {list(protocols.SETS)}, comma-separated, got {text!r}")
+    return sets
 
 
 def _classes(text: str) -> List[int]:

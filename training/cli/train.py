@@ -88,6 +88,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ev.add_argument("--latent-bank", type=_non_negative_int, default=LATENT_BANK, metavar="N",
                     help="posterior means of N training images (a seeded sample; all when fewer) kept in the "
                          "artifact for the fisher-bz2-nn score's nearest-neighbour distance; 0: none")
+    ev.add_argument("--no-latent-density", dest="latent_density", action="store_false",
+                    help="no latent density (a mixture of Gaussians over the training images' latent features, "
+                         "by class when labelled) in the artifact, and so no density-bz2 score")
     ev.add_argument("--out", type=Path, default=Path("runs/vae.ts"), help="artifact path")
     ev.add_argument("--no-report", action="store_true", help="skip report.json and the figures")
     ev.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
@@ -154,6 +157,7 @@ def options(args: argparse.Namespace) -> RunOptions:
                                   lr_patience=args.lr_patience, ema=args.ema, seed=args.seed,
                                   binarize=args.binarize, amp=not args.no_amp, compile=args.compile),
         out=args.out, eval_k=args.eval_k, eval_n=args.eval_n, score_k=args.score_k, latent_bank=args.latent_bank,
+        latent_density=args.latent_density,
         device=args.device, resume=args.resume, report=not args.no_report, quiet=args.quiet)
 
 

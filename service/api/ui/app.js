@@ -388,6 +388,9 @@ function scoreView(result, row, alpha) {
   if (row.neighbour_distance !== null && row.neighbour_distance !== undefined) {
     facts.push(["Latent distance", `${fmt(row.neighbour_distance, 3)} to the nearest training image`]);
   }
+  if (row.latent_density_nats !== null && row.latent_density_nats !== undefined) {
+    facts.push(["Latent density", `${fmt(row.latent_density_nats)} nats (−log, where the training classes lie)`]);
+  }
   return el("div", { class: "slot-score" },
     el("p", { class: "verdict", "data-verdict": kind, text: verdict }),
     el("dl", { class: "facts" }, ...facts.flatMap(([name, value]) => [el("dt", { text: name }), el("dd", { text: value })])));

@@ -19,7 +19,7 @@ from vae_artifact.io import load_artifact
 from vae_artifact.metadata import Metadata
 
 NPY = "application/x-npy"
-KINDS = ("nll", "nll-minus-png", "nll-minus-zlib", "nll-minus-bz2", "fisher-bz2", "fisher-bz2-nn")
+KINDS = ("nll", "nll-minus-png", "nll-minus-zlib", "nll-minus-bz2", "fisher-bz2", "fisher-bz2-nn", "density-bz2")
 COMPRESSOR = {kind: next((c for c in complexity.COMPRESSORS if c in kind), None) for kind in KINDS}
 
 

@@ -35,6 +35,10 @@ class Recording:
         self.sizes.append(("neighbours", x.shape[0]))
         return self.module.latent_neighbour_distance(x)
 
+    def latent_log_density(self, x):
+        self.sizes.append(("density", x.shape[0]))
+        return self.module.latent_log_density(x)
+
 
 @pytest.fixture(scope="module")
 def runtime(digits_artifact):
@@ -71,7 +75,7 @@ def any_runtime(request, digits_artifact, runtime):
     return on_device
 
 
-@pytest.mark.parametrize("kernel", ["encode", "decode", "score", "neighbours"])
+@pytest.mark.parametrize("kernel", ["encode", "decode", "score", "latent_nn", "latent_log_density"])
 def test_rows_are_bit_identical_at_every_batch_size(any_runtime, digit_images, kernel):
     """Every batch size from 1 to the row limit, every row (real digits: the K weights' summation order shows
     on typical inputs, not on noise). On a GPU too, where cuDNN and cuBLAS choose kernels by shape."""
@@ -84,7 +88,8 @@ def test_rows_are_bit_identical_at_every_batch_size(any_runtime, digit_images, k
         "decode": lambda n: runtime.decode(latents[:n])["pixels"],
         "score": lambda n: np.column_stack([runtime.score(images[:n], runtime.info.score_k)[name]
                                             for name in ("iw_ll", "elbo", "rec", "kl")]),
-        "neighbours": lambda n: runtime.neighbours(images[:n])["latent_nn"],
+        "latent_nn": lambda n: runtime.latent(images[:n], "latent_nn")["latent_nn"],
+        "latent_log_density": lambda n: runtime.latent(images[:n], "latent_log_density")["latent_log_density"],
     }[kernel]
     limit = runtime.max_rows(kernel, runtime.info.score_k)
     reference = run(limit)

@@ -147,12 +147,14 @@ def test_scorer_equals_anomaly_score(tc, http, digit_images, noise_images, binar
     fields = {"score": "score_nats", "nll": "nll_nats", "elbo": "elbo_nats", "kl": "kl_nats",
               "reconstruction": "reconstruction_nats", "ess": "ess", "p_value": "p_value", "percentile": "percentile",
               "is_anomaly": "is_anomaly"}
-    per_kind = ("complexity_bits", "neighbour_distance")  # only where the kind computes them (else null there)
+    per_kind = ("complexity_bits", "neighbour_distance", "latent_density")  # only where the kind has them
+    field_of = {"latent_density": "latent_density_nats"}  # the /anomaly-score field each comes from
     seen = set()
     for kind in kinds:
         params = {"alpha": 0.05, "tail": "two-sided", "score": kind}
         reference = http.post("/anomaly-score", params=params, files=files(images)).json()
-        has = {name: name for name in per_kind if reference["scores"][0][name] is not None}
+        has = {name: field_of.get(name, name) for name in per_kind
+               if reference["scores"][0][field_of.get(name, name)] is not None}
         seen.update(has)
         result = tc.infer("scorer", [tensor("images", images, "UINT8", binary)], parameters=params, headers=auth(),
                           outputs=None if binary else outputs(*fields, *has, binary=False))
@@ -169,7 +171,7 @@ def test_scorer_equals_anomaly_score(tc, http, digit_images, noise_images, binar
         response = result.get_response()["parameters"]
         assert response["score"] == kind and response["calibrated"] is True and response["alpha"] == 0.05
         assert response.get("threshold_nats") == reference["calibration"]["threshold_nats"]
-    assert seen == set(per_kind)  # the artifact has kinds with each (nll-minus-bz2; fisher-bz2-nn)
+    assert seen == set(per_kind)  # the artifact has kinds with each (nll-minus-bz2, fisher-bz2-nn, density-bz2)
 
 
 def test_scorer_at_another_k_has_no_p_values(tc, http, digit_images):

@@ -1,7 +1,8 @@
-"""/anomaly-score?score=fisher-bz2 and fisher-bz2-nn on the session's digits artifact: the served score equals an
-independent slow computation (float64 eager NLL, bz2 of the snapped image, the latent distance to the nearest row
-of the artifact's bank, the artifact's reference values counted one by one); its p-values on fresh normal images
-are uniform, noise is flagged; a malformed combination, or a -nn kind without a bank, is not offered."""
+"""/anomaly-score?score=fisher-bz2, fisher-bz2-nn and density-bz2 on the session's digits artifact: the served score
+equals an independent slow computation (float64 eager NLL, bz2 of the snapped image, the latent distance to the
+nearest row of the artifact's bank, the latent density from scipy's Gaussians, the artifact's reference values
+counted one by one); its p-values on fresh normal images are uniform, noise is flagged; a malformed combination,
+or a kind whose latent method the artifact lacks, is not offered."""
 
 import bz2
 import io
@@ -10,6 +11,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from scipy.special import logsumexp
+from scipy.stats import multivariate_normal
 
 from service.core.scoring import ScoreKinds
 from tests.service.api.test_anomaly_kinds import slow_iw_score
@@ -19,7 +22,7 @@ from vae_artifact.metadata import Metadata
 
 NPY = "application/x-npy"
 KIND = "fisher-bz2"
-KINDS = (KIND, "fisher-bz2-nn")
+KINDS = (KIND, "fisher-bz2-nn", "density-bz2")
 
 
 def post(client, images, query):
@@ -44,6 +47,20 @@ def slow_neighbour_distance(module, image: np.ndarray) -> float:
     return float(np.sqrt(((bank - mu) ** 2).sum(axis=1)).min())
 
 
+def slow_log_density(module, image: np.ndarray) -> float:
+    """log q of the image's features (posterior mean, mean log-variance) under the artifact's mixture, each
+    component by scipy from its covariance (the inverse of U U^T) and its weight."""
+    with torch.inference_mode():
+        mu, logvar = module.encode(torch.from_numpy(image[None]).float() / 255)
+    f = np.concatenate([mu.numpy()[0], logvar.mean(dim=1).numpy()]).astype(np.float64)
+    means, factors = module.density_means.numpy(), module.density_precision_cholesky.numpy()
+    log_det = np.log(np.diagonal(factors, axis1=1, axis2=2)).sum(axis=1)
+    log_weights = module.density_log_constant.numpy() - log_det + 0.5 * len(f) * math.log(2 * math.pi)
+    assert np.exp(log_weights).sum() == pytest.approx(1.0)
+    return float(logsumexp([w + multivariate_normal(m, np.linalg.inv(u @ u.T)).logpdf(f)
+                            for w, m, u in zip(log_weights, means, factors)]))
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_served_score_equals_an_independent_slow_computation(client, digits_artifact, digit_images, noise_images,
                                                              digits_dataset, kind):
@@ -53,11 +70,12 @@ def test_served_score_equals_an_independent_slow_computation(client, digits_arti
     batch = np.concatenate([noise_images[:2], digit_images[20:26]])
     rows = post(client, batch, f"score={kind}")["scores"]
     assert spec["beyond"] == "exponential"
-    if kind == KIND:
+    if kind != "fisher-bz2-nn":
         assert all(row["neighbour_distance"] is None for row in rows)
     else:  # the bank: every training image of the small digits set (fewer than the default 10,000)
         assert module.latent_bank.shape == (len(digits_dataset.train), meta.latent_dim)
         assert [t["statistic"] for t in spec["terms"]][-1] == "latent-nn"
+    assert all((row["latent_density_nats"] is None) == (kind != "density-bz2") for row in rows)
     for row, image in zip(rows, batch):
         slow = slow_iw_score(digits_artifact, image, k)
         assert (row["nll_nats"], row["elbo_nats"]) == (pytest.approx(slow["nll_nats"], rel=1e-4, abs=1e-3),
@@ -69,6 +87,13 @@ def test_served_score_equals_an_independent_slow_computation(client, digits_arti
         if kind == KIND:
             assert row["score_nats"] == pytest.approx(slow_fisher(row["nll_nats"], row["elbo_nats"], bits, spec),
                                                       rel=1e-12)
+            continue
+        if kind == "density-bz2":
+            log_density = -row["latent_density_nats"]
+            # The encoder's float32 rounding of a lone row (the service pads it), amplified by tight components.
+            assert log_density == pytest.approx(slow_log_density(module, image), rel=1e-5, abs=1e-5)
+            assert row["score_nats"] == pytest.approx(
+                slow_fisher(row["nll_nats"], row["elbo_nats"], bits, spec, log_density=log_density), rel=1e-12)
             continue
         distance = row["neighbour_distance"]
         assert distance == pytest.approx(slow_neighbour_distance(module, image), rel=1e-5, abs=1e-6)
@@ -104,12 +129,14 @@ def test_a_malformed_combination_is_not_offered(digits_artifact):
     assert ScoreKinds.from_metadata(Metadata.from_dict(document)).default == "nll-minus-bz2"
 
 
-def test_a_neighbour_kind_is_offered_only_with_the_artifacts_bank(digits_artifact):
-    """The service passes ``neighbours`` from the runtime: True only when the artifact lists (and has) the method."""
+def test_a_latent_kind_is_offered_only_with_the_artifacts_method(digits_artifact):
+    """The service passes the latent outputs the runtime computes: those whose methods the artifact lists (and
+    has). An artifact whose default needs one, served without it: the next preferred kind, not plain nll."""
     meta = load_artifact(digits_artifact)[1]
-    assert "latent_neighbour_distance" in meta["methods"]
-    assert "fisher-bz2-nn" in ScoreKinds.from_metadata(meta, neighbours=True).kinds
-    without = ScoreKinds.from_metadata(meta, neighbours=False)
-    assert "fisher-bz2-nn" not in without.kinds and KIND in without.kinds
-    # An artifact whose default needs the bank, served without it: the next preferred kind, not plain nll.
-    assert meta.scoring.default == "fisher-bz2-nn" and without.default == KIND
+    assert {"latent_neighbour_distance", "latent_log_density"} <= set(meta["methods"])
+    both = ScoreKinds.from_metadata(meta, latent=frozenset({"latent_nn", "latent_log_density"}))
+    assert {"fisher-bz2-nn", "density-bz2"} <= set(both.kinds) and both.default == meta.scoring.default == "density-bz2"
+    bank_only = ScoreKinds.from_metadata(meta, latent=frozenset({"latent_nn"}))
+    assert "density-bz2" not in bank_only.kinds and bank_only.default == "fisher-bz2-nn"
+    neither = ScoreKinds.from_metadata(meta)
+    assert not {"fisher-bz2-nn", "density-bz2"} & set(neither.kinds) and neither.default == KIND
