@@ -316,7 +316,7 @@ run_container() {
 kserve_container() {
   local name="$CONTAINER-kserve" port=$((PORT + 1)) envs=()
   mkdir -p "$WORK/mnt-models"
-  pm run --rm --entrypoint cat "$IMAGE" /models/vae.ts > "$WORK/mnt-models/vae.ts"
+  pm run --rm "${ULIMITS[@]}" --network none --no-healthcheck --entrypoint cat "$IMAGE" /models/vae.ts > "$WORK/mnt-models/vae.ts"
   mapfile -t envs < <("$TOOLS/bin/python" - "$ROOT/deploy/kserve/servingruntime.yaml" <<'EOF'
 import sys, yaml
 container = yaml.safe_load(open(sys.argv[1]))["spec"]["containers"][0]
