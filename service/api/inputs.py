@@ -69,15 +69,19 @@ def media_type(request: Request) -> str:
 async def read_json(request: Request, model: Type[M]) -> M:
     if media_type(request) != "application/json":
         raise UnsupportedMediaType(f"expected application/json, got {media_type(request) or 'no Content-Type'}")
-    body = await request.body()
+    return validated(model, await request.body())
+
+
+def validated(model: Type[M], raw, error: Type[InvalidInput] = InvalidInput, what: str = "body") -> M:
+    """``raw`` JSON bytes as ``model``; ``error`` (a 4xx) naming the first field that does not fit."""
     try:
-        return model.model_validate(orjson.loads(body))
+        return model.model_validate(orjson.loads(raw))
     except orjson.JSONDecodeError as exc:
-        raise InvalidInput(f"body is not valid JSON: {exc}") from exc
+        raise error(f"{what} is not valid JSON: {exc}") from exc
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "body"
-        raise InvalidInput(f"{where}: {first['msg']}") from exc
+        raise error(f"{where}: {first['msg']}") from exc
 
 
 async def read_images(request: Request, spec: codecs.ImageSpec, limits: Settings,

@@ -19,8 +19,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
+from service.api.inputs import validated
 from service.core.errors import InvalidTensor, MalformedBody, RequestTooLarge, UnsupportedMediaType
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -176,14 +177,7 @@ def parse_request(body: bytes, header_length: Optional[str]) -> InferRequest:
     """A request body (and its Inference-Header-Content-Length) -> its inputs, checked for framing: known
     datatypes, either data or binary_data_size, byte counts that match the shapes and add up to the body."""
     json_end = len(body) if header_length is None else _header_length(header_length, len(body))
-    try:
-        request = InferenceRequestIn.model_validate(orjson.loads(memoryview(body)[:json_end]))
-    except orjson.JSONDecodeError as exc:
-        raise InvalidTensor(f"the request's JSON is not valid: {exc}") from exc
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "body"
-        raise InvalidTensor(f"{where}: {first['msg']}") from exc
+    request = validated(InferenceRequestIn, memoryview(body)[:json_end], InvalidTensor, "the request's JSON")
     binary = memoryview(body)[json_end:]
     inputs: Dict[str, InferInput] = {}
     offset = 0
