@@ -8,6 +8,7 @@ normal images. The evaluation loads the written artifact and calls its ``score``
 
 import sys
 import time
+from dataclasses import replace
 from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
@@ -17,6 +18,7 @@ from training.calibration import (LatentFns, ScoreFn, artifact_combinations, art
 from training.data import load_dataset, to_8bit
 from vae_artifact import complexity
 from vae_artifact.calibration import Calibration
+from vae_artifact.combination import Combination
 from vae_artifact.metadata import Metadata
 
 ALPHAS = (0.01, 0.05)
@@ -64,6 +66,14 @@ def evaluate_artifact(score: ScoreFn, meta: Metadata, normal: np.ndarray, ood: n
                                                  -cal.p_values(s_o[kind], "two-sided"))
         kinds[kind] = row
     baselines = {f"size-{c}": detection_metrics(-bits_n[c], -bits_o[c]) for c in bits_n}
+    variants = {}
+    for kind, fitted in combinations.items():  # what the guards of a kind with guards do, on these images
+        if kind not in s_n or all(t.counted == "whole" for t in fitted.terms):
+            continue
+        c = fitted.compressor
+        for name, changed in guard_variants(kind, fitted).items():
+            s_vn, s_vo = (changed.scores(o["nll"], o["elbo"], bits[c], o) for o, bits in zip(outs, (bits_n, bits_o)))
+            variants[name] = detection_metrics(s_vn, s_vo)
     compress_us = {}
     for c in complexity.COMPRESSORS:  # the service's extra work per image for an nll-minus-<c> score
         started = time.perf_counter()
@@ -71,10 +81,19 @@ def evaluate_artifact(score: ScoreFn, meta: Metadata, normal: np.ndarray, ood: n
         compress_us[c] = 1e6 * (time.perf_counter() - started) / len(normal[:2000])
     return {"k": k, "n_normal": len(normal), "n_ood": len(ood), "default": meta.scoring.default,
             "n_calib": meta.calibration.n if meta.calibration else 0, "kinds": kinds, "baselines": baselines,
+            "variants": variants,
             "model_seconds": model_s, "images_per_s": (len(normal) + len(ood)) / model_s,
             "compress_us_per_image": compress_us,
             "mean_nll_nats": {"normal": float(outs[0]["nll"].mean()), "ood": float(outs[1]["nll"].mean())},
             "mean_se_nats": float(np.mean(outs[0]["se"]))}
+
+
+def guard_variants(kind: str, fitted: Combination) -> Dict[str, Combination]:
+    """A kind with guards, changed: every term counted whole (Fisher's method), and its whole terms alone."""
+    whole = tuple(replace(t, counted="whole") for t in fitted.terms)
+    main = tuple(t for t in fitted.terms if t.counted == "whole")
+    return {f"{kind}, guards whole": replace(fitted, terms=whole),
+            f"{kind}, no guards": replace(fitted, terms=main)}
 
 
 def format_table(result: Dict) -> str:
@@ -86,6 +105,7 @@ def format_table(result: Dict) -> str:
     rows = [(kind + (" (default)" if kind == result["default"] else ""), m) for kind, m in result["kinds"].items()]
     rows += [(f"{kind} two-sided", m["two_sided"]) for kind, m in result["kinds"].items() if "two_sided" in m]
     rows += [(f"{name} (no model)", m) for name, m in result["baselines"].items()]
+    rows += list(result.get("variants", {}).items())
     for name, m in rows:
         line = f"{name:28s} {m['auroc']:7.4f} {m['auprc']:7.4f} {m['fpr_at_95_tpr']:7.4f}"
         for a in ALPHAS:

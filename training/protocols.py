@@ -139,8 +139,9 @@ def run(args: argparse.Namespace) -> Dict:
 
 
 def scores_of(result: Dict) -> Dict[str, Dict[str, float]]:
-    """Every score of one protocol by name: the kinds, the baselines (model-free) and the candidates."""
-    return {**result["kinds"], **result["baselines"], **result.get("candidates", {})}
+    """Every score of one protocol by name: the kinds, the baselines (model-free), the variants of kinds with
+    guards and the candidates."""
+    return {**result["kinds"], **result["baselines"], **result.get("variants", {}), **result.get("candidates", {})}
 
 
 def group_summaries(results: Dict[str, Dict]) -> Dict[str, Dict]:

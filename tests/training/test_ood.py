@@ -191,6 +191,7 @@ def test_both_protocols_in_one_table(digits_artifact, tmp_path, capsys):
         assert set(result["kinds"]) == set(calibration.KINDS) and result["default"] == calibration.DEFAULT_KIND
         assert set(result["baselines"]) == {f"size-{c}" for c in complexity.COMPRESSORS}
         assert {"knn-5", "mahalanobis", "rapp-sap", "rapp-nap", "density-means"} <= set(result["candidates"])
+        assert set(result["variants"]) == {"density-bz2, guards whole", "density-bz2, no guards"}
         assert 0 < result["n_normal"] <= 150 and 0 < result["n_ood"] <= 150
         assert all(0 <= m["fpr_at_alpha_0.05"] <= 1 for m in result["kinds"].values())
     assert [r["group"] for r in summary["protocols"].values()] == ["fashion-to-mnist", "mnist", "mnist"]
