@@ -171,10 +171,14 @@ def run_score(module, x, noise, latent: FrozenSet[str] = frozenset()) -> Dict[st
     iw, elbo, rec, kl, log_w = module.score(x, for_rows(noise, x.shape[0]))
     outputs = {"iw_ll": to_numpy(iw), "elbo": to_numpy(elbo), "rec": to_numpy(rec), "kl": to_numpy(kl),
                "log_w": to_numpy(log_w.t())}
-    for output in sorted(latent):
-        method = dict((out, m) for m, out in LATENT_STATISTICS.values())[output]
-        outputs[output] = to_numpy(getattr(module, method)(x))
+    outputs.update((output, run_latent(module, x, output)) for output in sorted(latent))
     return outputs
+
+
+def run_latent(module, x, output: str) -> np.ndarray:
+    """One latent statistic (a ``LATENT_STATISTICS`` output) of the rows ``x`` by the artifact's own method."""
+    method = dict((out, m) for m, out in LATENT_STATISTICS.values())[output]
+    return to_numpy(getattr(module, method)(x))
 
 
 def encode_body(mu: np.ndarray, logvar: np.ndarray) -> bytes:

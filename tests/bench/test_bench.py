@@ -62,3 +62,16 @@ def test_the_whole_bench_runs_in_a_tiny_mode(digits_artifact, tmp_path):
     assert results["inprocess"]["encode"] and results["targets"]
     report = (out / "results.md").read_text()
     assert "| /encode c=64: ours / naive (req/s)" in report
+
+
+def test_the_score_kinds_cost_prices_every_kind_against_the_default(digits_artifact):
+    command = [sys.executable, "-m", "bench.score_kinds_cost", "--model", str(digits_artifact), "--images", "digits",
+               "--rows", "4", "--rounds", "2"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
+            for line in done.stdout.splitlines() if line.startswith("| ") and not line.startswith("| kind")}
+    assert "default kind: density-bz2" in done.stdout
+    assert {"nll", "fisher-bz2-nn", "density-bz2"} <= rows.keys()
+    assert rows["density-bz2"][-2] == "1.000x" and rows["fisher-bz2-nn"][-1] == "1.000x"
+    assert float(rows["density-bz2"][1]) > 0 and float(rows["nll"][1]) == 0  # the density's encoder pass, priced
