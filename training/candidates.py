@@ -28,18 +28,12 @@ from torch import nn
 
 from training import density
 from training.data import Dataset, to_8bit
-from training.model import VAE, VAEConfig
+from training.export import eager_vae  # its hidden layers are what RaPP reads
+from training.model import VAE
 
 ROWS = 500  # images per forward pass
 RAPP_TRAIN = 5000  # training images whose pathway differences fit NAP's SVD
 KNN = (1, 5, 20)
-
-
-def eager_vae(module, meta) -> VAE:
-    """The artifact's VAE as an eager module (its hidden layers are what RaPP reads)."""
-    vae = VAE(VAEConfig(**meta["model"]["config"]))
-    vae.load_state_dict({name[len("vae."):]: t for name, t in module.state_dict().items() if name.startswith("vae.")})
-    return vae.eval()
 
 
 @torch.inference_mode()

@@ -144,6 +144,13 @@ def latent_bank(vae: VAE, split: Split, levels: int, n: int, seed: int = 0, batc
     return torch.cat(parts).cpu() if parts else torch.zeros(0, vae.config.latent_dim)
 
 
+def eager_vae(module: torch.jit.ScriptModule, meta: Mapping[str, Any]) -> VAE:
+    """An artifact's VAE as an eager module in eval mode, from its recorded config and its own weights."""
+    vae = VAE(VAEConfig(**meta["model"]["config"]))
+    vae.load_state_dict({name[len("vae."):]: t for name, t in module.state_dict().items() if name.startswith("vae.")})
+    return vae.eval()
+
+
 def with_latent_statistics(module: torch.jit.ScriptModule, meta: Mapping[str, Any], dataset: Dataset, *,
                            bank: Optional[int] = None, density: bool = False, seed: int = 0
                            ) -> Tuple[torch.jit.ScriptModule, Dict[str, str], Optional[Dict]]:
@@ -151,10 +158,7 @@ def with_latent_statistics(module: torch.jit.ScriptModule, meta: Mapping[str, An
     of ``bank`` images of ``dataset``'s train split (when given) and a latent density fitted on that split (with
     ``density``); the ``methods`` its metadata must then list, and the density's summary (None without a new
     one). Every method is checked against the eager model (ArtifactError on a mismatch)."""
-    vae = VAE(VAEConfig(**meta["model"]["config"]))
-    state = module.state_dict()
-    vae.load_state_dict({name[len("vae."):]: t for name, t in state.items() if name.startswith("vae.")})
-    vae.eval()
+    vae, state = eager_vae(module, meta), module.state_dict()
     latent = latent_bank(vae, dataset.train, dataset.levels, bank, seed=seed) if bank else state.get("latent_bank")
     fitted = None
     if density:
@@ -255,5 +259,5 @@ def compare_with_eager(eager: ServingModule, scripted: torch.jit.ScriptModule, x
     return worst
 
 
-__all__ = ["ArtifactError", "ServingModule", "build_metadata", "compare_with_eager", "export_artifact", "latent_bank",
-           "methods", "with_latent_statistics"]
+__all__ = ["ArtifactError", "ServingModule", "build_metadata", "compare_with_eager", "eager_vae", "export_artifact",
+           "latent_bank", "methods", "with_latent_statistics"]

@@ -57,7 +57,7 @@ not depend on the other rows of its batch. Numpy only.
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, FrozenSet, Mapping, Optional, Sequence, Tuple
+from typing import Dict, FrozenSet, Iterable, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -112,7 +112,11 @@ def recipe(kind: str) -> Recipe:
 
 def latent_needs(kind: str) -> FrozenSet[str]:
     """The latent outputs (``LATENT_STATISTICS``' output names) a combined kind's terms need."""
-    return frozenset(LATENT_STATISTICS[name][1] for name, _, _ in recipe(kind) if name in LATENT_STATISTICS)
+    return _latent_outputs(name for name, _, _ in recipe(kind))
+
+
+def _latent_outputs(statistics_: Iterable[str]) -> FrozenSet[str]:
+    return frozenset(LATENT_STATISTICS[name][1] for name in statistics_ if name in LATENT_STATISTICS)
 
 
 def statistics(nll: np.ndarray, elbo: np.ndarray, bits: Optional[np.ndarray], compressor: Optional[str],
@@ -206,7 +210,7 @@ class Combination:
     def latent_needs(self) -> FrozenSet[str]:
         """The latent outputs (``LATENT_STATISTICS``' output names) its terms test: the artifact methods that must
         be called beside ``score``."""
-        return frozenset(LATENT_STATISTICS[t.statistic][1] for t in self.terms if t.statistic in LATENT_STATISTICS)
+        return _latent_outputs(t.statistic for t in self.terms)
 
     @classmethod
     def fit(cls, kind: str, nll: np.ndarray, elbo: np.ndarray, bits: np.ndarray,

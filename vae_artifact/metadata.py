@@ -65,12 +65,6 @@ PRIORS = ("standard", "vamp")  # N(0, I); the VampPrior (a uniform mixture of po
 PREFERRED_KINDS = ("density-bz2", "fisher-bz2-nn", "fisher-bz2", "nll-minus-bz2")
 
 
-def lists_latent_bank(document: Mapping[str, Any]) -> bool:
-    """Whether a metadata document (or ``Metadata``) lists the latent bank's methods (``NEIGHBOUR_METHODS``)."""
-    methods = document.get("methods") or {}
-    return all(name in methods for name in NEIGHBOUR_METHODS)
-
-
 def latent_outputs(document: Mapping[str, Any]) -> Dict[str, str]:
     """The latent statistics a metadata document (or ``Metadata``) lists the methods of: output name -> method."""
     methods = document.get("methods") or {}
